@@ -1,0 +1,166 @@
+"""Routing policies: score weights, rules, fallback order and budgets; presets and policy files.
+
+A policy file is YAML or TOML with the same fields as :class:`Policy`::
+
+    name: team-default
+    extends: balanced            # start from a preset
+    weights: {cost: 0.5, latency: 0.2, fit: 0.6}
+    rules:
+      - when: {complexity_gte: 0.7}
+        then: {quality_floor: high}
+      - when: {has_controls: true}
+        then: {prefer: [local]}
+    fallback_order: [openai, local]
+    budgets:
+      - {limit_usd: 25, period: month}
+      - {limit_usd: 5, period: day, tag: team-a}
+    prices:
+      "openai/gpt-image-2": {image_output_per_mtok: "28.00"}
+"""
+
+from __future__ import annotations
+
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.request import QualityFloor, Task
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Weights(_Strict):
+    """How much each score term counts. Terms are each in [0, 1]."""
+
+    cost: float = Field(0.4, ge=0)
+    latency: float = Field(0.3, ge=0)
+    fit: float = Field(1.0, ge=0)  # the model's quality meets the prompt's complexity
+    quality: float = Field(0.1, ge=0)  # the model's quality, whatever the prompt
+    preference: float = Field(1.0, ge=0)  # bonus for providers the policy prefers
+
+
+class When(_Strict):
+    """Conditions of a rule; all given ones must hold."""
+
+    complexity_gte: float | None = None
+    complexity_lt: float | None = None
+    tier: Literal["low", "medium", "high"] | None = None
+    task: frozenset[Task] | None = None
+    has_controls: bool | None = None
+    has_loras: bool | None = None
+    tag: str | None = None
+
+
+class Then(_Strict):
+    """Effects of a rule."""
+
+    quality_floor: QualityFloor | None = None
+    prefer: tuple[str, ...] = ()
+    avoid: tuple[str, ...] = ()
+    residency: frozenset[str] | None = None
+    max_cost_usd: Decimal | None = None
+    weights: dict[str, float] | None = None
+
+
+class Rule(_Strict):
+    """``when`` the request matches, ``then`` adjust the decision."""
+
+    when: When
+    then: Then
+
+    def describe(self) -> str:
+        cond = ", ".join(f"{k}={v}" for k, v in self.when.model_dump(exclude_none=True).items())
+        eff = ", ".join(f"{k}={v}" for k, v in self.then.model_dump(exclude_none=True, exclude_defaults=True).items())
+        return f"when {cond or 'always'} → {eff}"
+
+
+class BudgetRule(_Strict):
+    """A spending limit the router keeps in its ledger."""
+
+    limit_usd: Decimal = Field(ge=0)
+    period: Literal["day", "month", "total"] = "month"
+    tag: str | None = None
+
+
+class Policy(_Strict):
+    """How the router chooses: weights, hard preferences, rules, order and budgets."""
+
+    name: str = "custom"
+    weights: Weights = Weights()
+    prefer: tuple[str, ...] = ()
+    deny: frozenset[str] = frozenset()
+    residency: frozenset[str] | None = None
+    rules: tuple[Rule, ...] = ()
+    fallback_order: tuple[str, ...] = ()
+    cost_scale_usd: Decimal = Field(Decimal("0.05"), gt=0)  # per image: the cost term is 0 at this price
+    latency_scale_s: float = Field(30.0, gt=0)  # the latency term is 0 at this latency
+    max_chain: int = Field(4, ge=1)
+    max_retries: int = Field(2, ge=0, le=10)
+    fallback_on_content_policy: bool = False
+    budgets: tuple[BudgetRule, ...] = ()
+    prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+PRESETS: dict[str, Policy] = {
+    "cheapest": Policy(name="cheapest", weights=Weights(cost=1.0, latency=0.1, fit=0.2, quality=0.0)),
+    "fastest": Policy(name="fastest", weights=Weights(cost=0.1, latency=1.0, fit=0.2, quality=0.0)),
+    "balanced": Policy(name="balanced"),
+    "quality": Policy(name="quality", weights=Weights(cost=0.05, latency=0.05, fit=0.5, quality=1.0)),
+    "local-first": Policy(name="local-first", prefer=("local",)),
+    "private": Policy(name="private", residency=frozenset({"local"})),
+}
+
+
+class PolicyFileError(ValueError):
+    """A policy file that cannot be read; the message names the file and the field."""
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read a policy from a YAML or TOML file; ``extends: <preset>`` starts from a preset."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise PolicyFileError(f"{p}: cannot read policy file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise PolicyFileError(f"{p}: a policy file holds a mapping of fields")
+    return policy_from_dict(raw, source=str(p))
+
+
+def policy_from_dict(raw: dict[str, Any], *, source: str = "policy") -> Policy:
+    """Build a policy from plain data, starting from the preset named in ``extends``."""
+    raw = dict(raw)
+    base_name = raw.pop("extends", None)
+    base: dict[str, Any] = {}
+    if base_name is not None:
+        if base_name not in PRESETS:
+            raise PolicyFileError(f"{source}: extends: unknown preset {base_name!r}; use one of {', '.join(PRESETS)}")
+        base = PRESETS[base_name].model_dump(exclude_defaults=True)
+        if "weights" in raw and "weights" in base:
+            raw["weights"] = base["weights"] | raw["weights"]
+    raw.setdefault("name", Path(source).stem)
+    try:
+        return Policy.model_validate(base | raw)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise PolicyFileError(f"{source}: {where}") from None
+
+
+def resolve_policy(policy: Policy | str | Path | None) -> Policy:
+    """A Policy from a Policy, a preset name or a file path (None → balanced)."""
+    if policy is None:
+        return PRESETS["balanced"]
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in PRESETS:
+        return PRESETS[policy]
+    if Path(policy).suffix in (".yaml", ".yml", ".toml"):
+        return load_policy(policy)
+    raise PolicyFileError(f"unknown policy {policy!r}: use a preset ({', '.join(PRESETS)}) or a .yaml/.toml file")

@@ -1,0 +1,90 @@
+"""imagerouter: one image-generation request, routed to the best backend for it.
+
+    from router import generate
+    result = generate("a lighthouse at dusk, oil painting", width=1024, height=1024)
+
+The data types load at once; the router, its policies and providers load on first
+use, so ``import router`` stays light (no torch, no vendor SDK).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from router.errors import (
+    AllProvidersFailed,
+    AuthenticationError,
+    BudgetExceeded,
+    ContentPolicyError,
+    DeadlineExceeded,
+    ImageRouterError,
+    InsufficientCredits,
+    InvalidRequestError,
+    MalformedResponse,
+    NoRouteError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+    RequestValidationError,
+)
+from router.request import Constraints, ControlInput, ImageRequest, LoraRef
+from router.result import Attempt, Cost, GeneratedImage, GenerationResult, Latency
+
+if TYPE_CHECKING:
+    from router.ledger import Budget, Ledger
+    from router.router import AsyncRouter, Router, agenerate, generate
+
+_LAZY = {
+    "Router": "router.router",
+    "AsyncRouter": "router.router",
+    "generate": "router.router",
+    "agenerate": "router.router",
+    "Ledger": "router.ledger",
+    "Budget": "router.ledger",
+}
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'router' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "AllProvidersFailed",
+    "AsyncRouter",
+    "Attempt",
+    "AuthenticationError",
+    "Budget",
+    "BudgetExceeded",
+    "Constraints",
+    "ContentPolicyError",
+    "ControlInput",
+    "Cost",
+    "DeadlineExceeded",
+    "GeneratedImage",
+    "GenerationResult",
+    "ImageRequest",
+    "ImageRouterError",
+    "InsufficientCredits",
+    "InvalidRequestError",
+    "Latency",
+    "Ledger",
+    "LoraRef",
+    "MalformedResponse",
+    "NoRouteError",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "RequestValidationError",
+    "Router",
+    "agenerate",
+    "generate",
+]

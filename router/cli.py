@@ -1,0 +1,193 @@
+"""The ``imagerouter`` command: a thin shell over the public API; every command has ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from router.errors import (
+    AllProvidersFailed,
+    AuthenticationError,
+    BudgetExceeded,
+    ContentPolicyError,
+    DeadlineExceeded,
+    ImageRouterError,
+    InvalidRequestError,
+    NoRouteError,
+)
+
+EXIT_CODES: tuple[tuple[type[ImageRouterError], int], ...] = (
+    (InvalidRequestError, 3),
+    (AuthenticationError, 4),
+    (BudgetExceeded, 5),
+    (NoRouteError, 6),
+    (AllProvidersFailed, 7),
+    (ContentPolicyError, 8),
+    (DeadlineExceeded, 9),
+    (ImageRouterError, 1),
+)
+
+
+def _request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--aspect-ratio")
+    p.add_argument("-n", "--n", type=int, default=1)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--init-image", help="path or URL of the image to edit")
+    p.add_argument("--strength", type=float)
+    p.add_argument("--mask", dest="mask_image", help="path of the mask (white = repaint)")
+    p.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"), default="png")
+    p.add_argument("--provider", help="pin a provider")
+    p.add_argument("--model", help="pin a model")
+    p.add_argument("--policy", help="a preset or a .yaml/.toml policy file")
+    p.add_argument("--max-cost", dest="max_cost_usd", type=Decimal)
+    p.add_argument("--max-latency", dest="max_latency_s", type=float)
+    p.add_argument("--residency", help="allowed regions, comma-separated (e.g. eu,local)")
+    p.add_argument("--quality-floor", choices=("low", "medium", "high"))
+    p.add_argument("--tag", action="append", dest="tags", default=[])
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _request_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    names = ("negative_prompt", "width", "height", "aspect_ratio", "n", "steps", "guidance_scale", "seed",
+             "init_image", "strength", "mask_image", "output_format", "provider", "model", "max_cost_usd",
+             "max_latency_s", "quality_floor")
+    kw = {k: getattr(ns, k) for k in names if getattr(ns, k) is not None}
+    if ns.residency:
+        kw["residency"] = {r.strip() for r in ns.residency.split(",") if r.strip()}
+    if ns.tags:
+        kw["tags"] = set(ns.tags)
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagerouter", description="Route image generation to the best backend.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate images")
+    _request_args(gen)
+    gen.add_argument("--out", default="out", help="directory for the images (default: ./out)")
+    route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys)")
+    _request_args(route)
+    route.add_argument("--explain", action="store_true", help="print the ranking and every rejection")
+    prov = sub.add_parser("providers", help="list providers: configured or not, capabilities, regions")
+    prov.add_argument("--json", action="store_true")
+    led = sub.add_parser("ledger", help="spend by provider, tag or period, and budgets")
+    led.add_argument("--by", default="provider", help="comma-separated: provider, model, tag, day, month")
+    led.add_argument("--since", type=datetime.fromisoformat, help="ISO date, e.g. 2026-11-01")
+    led.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger}[ns.command](ns)
+    except ImageRouterError as exc:
+        code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
+        if getattr(ns, "json", False):
+            print(json.dumps({"error": exc.kind, "message": str(exc)}))
+        else:
+            print(f"error: {exc.kind}: {exc}", file=sys.stderr)
+            decision = getattr(exc, "decision", None)
+            if decision is not None:
+                print(decision.explain(), file=sys.stderr)
+        return code
+
+
+def _router() -> Any:
+    from router.router import Router
+
+    return Router.from_env()
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    with _router() as router:
+        result = router.generate(ns.prompt, policy=ns.policy, **_request_kwargs(ns))
+    paths = result.save(ns.out, stem=result.request_id)
+    if ns.json:
+        print(json.dumps(result.to_dict() | {"files": [str(p) for p in paths]}, indent=2))
+        return 0
+    print(f"{result.provider}/{result.model}: {len(result.images)} image(s) in {result.latency.total_s:.2f}s, "
+          f"cost ${result.cost.actual_usd} (estimated ${result.cost.estimated_usd})")
+    for w in result.warnings:
+        print(f"  warning: {w}")
+    for p in paths:
+        print(f"  wrote {p}")
+    return 0
+
+
+def _route(ns: argparse.Namespace) -> int:
+    with _router() as router:
+        decision = router.route(ns.prompt, policy=ns.policy, **_request_kwargs(ns))
+    if ns.json:
+        print(decision.to_json())
+    elif ns.explain:
+        print(decision.explain())
+    else:
+        chosen = decision.chosen
+        print(f"{chosen.provider}/{chosen.model}" if chosen else "no route (use --explain to see why)")
+    return 0 if decision.chain else dict(EXIT_CODES)[NoRouteError]
+
+
+def _providers(ns: argparse.Namespace) -> int:
+    with _router() as router:
+        rows = []
+        for provider in router.providers.values():
+            problem = provider.configuration_problem()
+            rows.append({
+                "name": provider.name,
+                "kind": provider.kind,
+                "configured": problem is None,
+                "problem": problem,
+                "models": {m: provider.capabilities(m).to_dict() for m in provider.models()},
+            })
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = "configured" if row["configured"] else row["problem"]
+        print(f"{row['name']} ({row['kind']}): {state}")
+        for model, caps in row["models"].items():
+            print(f"  {model}: tasks {', '.join(caps['tasks'])}; n ≤ {caps['max_n']}; "
+                  f"regions {', '.join(caps['regions'])}; quality {caps['quality']}")
+    return 0
+
+
+def _ledger(ns: argparse.Namespace) -> int:
+    from router.config import router_kwargs_from_env
+    from router.ledger import Ledger
+
+    ledger = Ledger(router_kwargs_from_env().get("ledger"))
+    group = [g.strip() for g in ns.by.split(",") if g.strip()]
+    since = ns.since.replace(tzinfo=UTC) if ns.since and ns.since.tzinfo is None else ns.since
+    rows = ledger.report(since=since, group_by=group)
+    budgets = [(b, ledger.headroom([b.tag] if b.tag else [])) for b in ledger.budgets()]
+    ledger.close()
+    if ns.json:
+        print(json.dumps({
+            "spend": [{"key": r.key, "requests": r.requests, "usd": str(r.usd)} for r in rows],
+            "budgets": [{"name": b.name, "limit_usd": str(b.limit_usd), "headroom_usd": str(h)} for b, h in budgets],
+        }, indent=2))
+        return 0
+    if not rows:
+        print("no spend recorded")
+    for r in rows:
+        key = ", ".join(f"{k}={v}" for k, v in r.key.items())
+        print(f"{key}: {r.requests} request(s), ${r.usd}")
+    for b, h in budgets:
+        print(f"budget {b.name}: limit ${b.limit_usd}, headroom ${h}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The error hierarchy: one class per failure kind, each with what the router does next.
+
+Every error says whether the router retries it on the same provider (``RETRY``),
+moves on to the next candidate (``FALLBACK``) or stops (``FATAL``). Messages are
+written for a person and never carry a secret: providers build them from status
+codes and vendor error codes, never from headers or request bodies.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.result import Attempt
+
+
+class Disposition(enum.Enum):
+    """What the router does after an error."""
+
+    RETRY = "retry"  # retry on the same provider (bounded), then fall back
+    FALLBACK = "fallback"  # try the next candidate at once
+    FATAL = "fatal"  # stop: the request itself is at fault, or nothing is left
+
+
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)\b(sk|r8|pk|key|tok)[-_][A-Za-z0-9_\-]{8,}"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9_\-\.=]{8,}"),
+    re.compile(r"(?i)((?:api[-_]?key|x-key|authorization|token)\s*[=:]\s*)['\"]?[^\s'\",}]{6,}"),
+)
+
+
+def redact(text: str) -> str:
+    """Mask anything in ``text`` that looks like an API key or a bearer token."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.lastindex else "") + "[REDACTED]", text)
+    return text
+
+
+class ImageRouterError(Exception):
+    """Base of every error the SDK raises."""
+
+    disposition: Disposition = Disposition.FATAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        status_code: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.message = redact(message)
+        self.provider = provider
+        self.status_code = status_code
+        self.code = code
+        self.request_id = request_id
+        self.attempts: list[Attempt] = []
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        where = f"[{self.provider}] " if self.provider else ""
+        return f"{where}{self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    @property
+    def kind(self) -> str:
+        """The class name, as recorded in attempt trails and reports."""
+        return type(self).__name__
+
+
+# --- the request is at fault: fatal, never retried, never sent elsewhere ---------
+
+
+class InvalidRequestError(ImageRouterError):
+    """The request cannot be served as written (a provider answered 400/404/422)."""
+
+    disposition = Disposition.FATAL
+
+
+class RequestValidationError(InvalidRequestError, ValueError):
+    """A request failed validation before anything was sent.
+
+    ``problems`` lists ``(field, what to change)`` pairs; the message names them all.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        lines = "; ".join(f"{field}: {hint}" for field, hint in self.problems)
+        super().__init__(f"invalid request: {lines}")
+
+    @property
+    def field(self) -> str:
+        """The first field at fault."""
+        return self.problems[0][0]
+
+
+class AuthenticationError(ImageRouterError):
+    """The provider refused the credentials (401/403). Fix the key; no fallback."""
+
+    disposition = Disposition.FATAL
+
+
+class BudgetExceeded(ImageRouterError):
+    """Reserving this request's estimated cost would overspend a budget."""
+
+    disposition = Disposition.FATAL
+
+    def __init__(self, message: str, *, budget: str | None = None, **kw: Any) -> None:
+        self.budget = budget
+        super().__init__(message, **kw)
+
+
+# --- the provider is at fault: retry, or try the next candidate -------------------
+
+
+class RateLimited(ImageRouterError):
+    """429: too many requests. ``retry_after`` is the provider's hint in seconds."""
+
+    disposition = Disposition.RETRY
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kw)
+
+
+class ProviderUnavailable(ImageRouterError):
+    """5xx or a connection failure."""
+
+    disposition = Disposition.RETRY
+
+
+class ProviderTimeout(ImageRouterError):
+    """The provider did not answer within the attempt's time."""
+
+    disposition = Disposition.RETRY
+
+
+class MalformedResponse(ImageRouterError):
+    """The provider answered with a body that does not follow its own contract."""
+
+    disposition = Disposition.FALLBACK
+
+
+class InsufficientCredits(ImageRouterError):
+    """The account has no credit or quota left (402, or OpenAI's insufficient_quota)."""
+
+    disposition = Disposition.FALLBACK
+
+
+class ContentPolicyError(ImageRouterError):
+    """The provider's moderation refused the prompt or the output.
+
+    Not retried; the router falls back only where the policy allows it.
+    """
+
+    disposition = Disposition.FATAL
+
+
+# --- the router's own verdicts ----------------------------------------------------
+
+
+class DeadlineExceeded(ImageRouterError):
+    """The request's deadline passed before any provider succeeded."""
+
+    disposition = Disposition.FATAL
+
+    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.attempts = list(attempts)
+
+
+class NoRouteError(ImageRouterError):
+    """No candidate could serve the request; ``decision`` holds every rejection."""
+
+    disposition = Disposition.FATAL
+
+    def __init__(self, message: str, *, decision: Any = None, **kw: Any) -> None:
+        self.decision = decision
+        super().__init__(message, **kw)
+
+    @property
+    def rejections(self) -> list[Any]:
+        return list(self.decision.rejections) if self.decision is not None else []
+
+
+class AllProvidersFailed(ImageRouterError):
+    """Every candidate in the chain failed; ``attempts`` is the whole trail."""
+
+    disposition = Disposition.FATAL
+
+    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), decision: Any = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.attempts = list(attempts)
+        self.decision = decision
+
+
+__all__ = [
+    "AllProvidersFailed",
+    "AuthenticationError",
+    "BudgetExceeded",
+    "ContentPolicyError",
+    "DeadlineExceeded",
+    "Disposition",
+    "ImageRouterError",
+    "InsufficientCredits",
+    "InvalidRequestError",
+    "MalformedResponse",
+    "NoRouteError",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "RateLimited",
+    "RequestValidationError",
+    "redact",
+]

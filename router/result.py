@@ -1,0 +1,157 @@
+"""The normalized result every backend's output is turned into."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from router.images import decode
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+    from policies.decision import RoutingDecision
+
+Outcome = Literal["success", "error", "skipped"]
+_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One output image: its encoded bytes and what is known about it."""
+
+    data: bytes = field(repr=False)
+    mime: str
+    width: int
+    height: int
+    seed: int | None = None
+    nsfw: bool = False
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the image atomically (a temp file renamed into place); return the path.
+
+        A path without a suffix gets the one that matches the image's format.
+        """
+        target = Path(path)
+        if not target.suffix:
+            target = target.with_suffix(_EXT.get(self.mime, ".img"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def to_pil(self) -> PILImage.Image:
+        """Decode into a PIL image."""
+        return decode(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What a request cost, in USD: estimated before the call, actual after it.
+
+    ``actual_usd`` sums every attempt the providers billed (a failed attempt that was
+    billed counts too); ``unit``/``quantity`` are the billing facts of the attempt that
+    produced the images (tokens, credits, images, GPU-seconds, megapixel-steps).
+    """
+
+    estimated_usd: Decimal
+    actual_usd: Decimal
+    unit: str
+    quantity: Decimal
+    price_table_version: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def usd(self) -> Decimal:
+        return self.actual_usd
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One call to one provider, successful or not."""
+
+    provider: str
+    model: str
+    outcome: Outcome
+    latency_s: float
+    cost_usd: Decimal = Decimal(0)
+    error: str | None = None  # the error class name
+    message: str | None = None
+    status_code: int | None = None
+    retry: int = 0  # 0 for the first try on this candidate
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cost_usd"] = str(self.cost_usd)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Where the time went, in seconds."""
+
+    total_s: float
+    routing_s: float
+    provider_s: float  # the successful attempt's call
+    queue_s: float = 0.0  # retries' waits and failed attempts before it
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    """The images and everything about how they were made."""
+
+    images: list[GeneratedImage]
+    provider: str
+    model: str
+    cost: Cost
+    latency: Latency
+    attempts: list[Attempt]
+    decision: RoutingDecision
+    warnings: list[str]
+    request_id: str
+    provider_request_id: str | None = None
+
+    @property
+    def image(self) -> GeneratedImage:
+        """The first image."""
+        return self.images[0]
+
+    def save(self, directory: str | os.PathLike[str], stem: str = "image") -> list[Path]:
+        """Save every image into ``directory`` as ``<stem>-<i>.<ext>``."""
+        return [img.save(Path(directory) / f"{stem}-{i}") for i, img in enumerate(self.images)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (image bytes left out)."""
+        return {
+            "request_id": self.request_id,
+            "provider": self.provider,
+            "model": self.model,
+            "provider_request_id": self.provider_request_id,
+            "images": [
+                {"mime": i.mime, "width": i.width, "height": i.height, "seed": i.seed, "nsfw": i.nsfw,
+                 "bytes": len(i.data)}
+                for i in self.images
+            ],
+            "cost": {
+                "estimated_usd": str(self.cost.estimated_usd),
+                "actual_usd": str(self.cost.actual_usd),
+                "unit": self.cost.unit,
+                "quantity": str(self.cost.quantity),
+                "price_table_version": self.cost.price_table_version,
+                "details": self.cost.details,
+            },
+            "latency": asdict(self.latency),
+            "attempts": [a.to_dict() for a in self.attempts],
+            "warnings": list(self.warnings),
+            "decision": self.decision.to_dict(),
+        }

@@ -1,0 +1,436 @@
+"""The router: decide, then walk the chain — retry, fall back, account — and return one result.
+
+This module is the one place for retries, backoff, deadlines, circuit breaking and
+cost accounting. Providers stay thin; policies stay pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from policies.decision import CandidateInfo, RankedCandidate, RoutingDecision
+from policies.engine import PolicyEngine, RoutingContext
+from policies.policy import Policy, resolve_policy
+from policies.stats import LatencyStats
+from providers.base import Provider, ProviderResponse
+from router.errors import (
+    AllProvidersFailed,
+    BudgetExceeded,
+    ContentPolicyError,
+    DeadlineExceeded,
+    Disposition,
+    ImageRouterError,
+    MalformedResponse,
+    NoRouteError,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from router.health import CircuitBreaker
+from router.ledger import Budget, Ledger, Reservation
+from router.request import ImageRequest
+from router.result import Attempt, Cost, GenerationResult, Latency
+
+T = TypeVar("T")
+_PROVIDER_FAULTS = (ProviderUnavailable, ProviderTimeout, MalformedResponse)
+
+
+class AsyncRouter:
+    """Routes requests across providers under a policy. Async at the core.
+
+    ``providers`` are tried in the order the policy ranks them; ``ledger`` is a
+    :class:`~router.ledger.Ledger`, a path, ``":memory:"`` or None (the user's data dir).
+    ``sleep``, ``clock`` and ``rng`` are injectable so tests can check waits exactly.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        policy: Policy | str | Path | None = None,
+        ledger: Ledger | str | Path | None = None,
+        budgets: Iterable[Budget] = (),
+        max_retries: int | None = None,
+        backoff: tuple[float, float] = (0.5, 8.0),
+        max_retry_after_s: float = 60.0,
+        deadline_s: float = 300.0,
+        attempt_timeout_s: float = 180.0,
+        breaker: CircuitBreaker | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        names = [p.name for p in providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"provider names must be unique, got {names}")
+        self.providers: dict[str, Provider] = {p.name: p for p in providers}
+        self.policy = resolve_policy(policy)
+        self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+        for rule in self.policy.budgets:
+            self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))
+        for budget in budgets:
+            self.ledger.set_budget(budget)
+        self.max_retries = self.policy.max_retries if max_retries is None else max_retries
+        self.backoff = backoff
+        self.max_retry_after_s = max_retry_after_s
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.breaker = breaker or CircuitBreaker(clock=clock)
+        self.stats = LatencyStats()
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng
+        self._engines: dict[str, PolicyEngine] = {}
+
+    @classmethod
+    def from_env(cls, **kw: Any) -> AsyncRouter:
+        """A router configured from environment variables (see :mod:`router.config`)."""
+        from router.config import router_kwargs_from_env
+
+        return cls(**(router_kwargs_from_env() | kw))
+
+    # --- routing ---------------------------------------------------------------------
+
+    def route(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
+              **kw: Any) -> RoutingDecision:
+        """The decision for ``request`` without calling anything (a dry run)."""
+        req = ImageRequest.from_kwargs(request, **kw)
+        return self._decide(req, resolve_policy(policy) if policy is not None else self.policy)
+
+    def _engine(self, policy: Policy) -> PolicyEngine:
+        engine = self._engines.get(policy.name)
+        if engine is None or engine.policy is not policy:
+            engine = self._engines[policy.name] = PolicyEngine(policy)
+        return engine
+
+    def candidates(self, request: ImageRequest) -> list[CandidateInfo]:
+        """Every (provider, model) pair with its capabilities, plan and estimate."""
+        out: list[CandidateInfo] = []
+        for position, provider in enumerate(self.providers.values()):
+            models = provider.models()
+            if request.model is not None:
+                models = [request.model] if provider.supports_model(request.model) else []
+            problem = provider.configuration_problem()
+            for model in models:
+                out.append(CandidateInfo(
+                    provider=provider.name, kind=provider.kind, model=model,
+                    capabilities=provider.capabilities(model),
+                    plan=provider.plan(request, model),
+                    estimate=provider.estimate(request, model),
+                    configuration_problem=problem,
+                    circuit_open=not self.breaker.available(provider.name),
+                    observed_latency_s=self.stats.p50(provider.name, model),
+                    position=position,
+                ))
+        return out
+
+    def _decide(self, request: ImageRequest, policy: Policy) -> RoutingDecision:
+        headroom = self.ledger.headroom(request.tags)
+        return self._engine(policy).decide(request, self.candidates(request), RoutingContext(headroom))
+
+    # --- generation ------------------------------------------------------------------
+
+    async def agenerate(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
+                        **kw: Any) -> GenerationResult:
+        """Generate images for ``request`` (or a prompt and request fields as keywords)."""
+        start = self._clock()
+        req = ImageRequest.from_kwargs(request, **kw)
+        pol = resolve_policy(policy) if policy is not None else self.policy
+        request_id = f"ir_{uuid.uuid4().hex[:20]}"
+        if req.idempotency_key is None:
+            req = req.model_copy(update={"idempotency_key": request_id})
+        deadline = start + (req.deadline_s or self.deadline_s)
+        decision = self._decide(req, pol)
+        routed = self._clock()
+        if not decision.chain:
+            reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
+            raise NoRouteError(f"no provider can serve this {req.task} request ({reasons or 'none registered'})",
+                               decision=decision, request_id=request_id)
+        walk = _Walk(self, req, pol, request_id, deadline)
+        for cand in decision.chain:
+            response = await walk.try_candidate(cand)
+            if response is not None:
+                return walk.result(cand, response, decision, start, routed)
+        raise walk.failure(decision)
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            await provider.aclose()
+
+    async def __aenter__(self) -> AsyncRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- retry timing ----------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return float(retry_after)
+        base, cap = self.backoff
+        ceiling = min(cap, base * 2 ** (state.attempt_number - 1))
+        return ceiling * (0.5 + 0.5 * self._rng())
+
+
+class _Walk:
+    """One request's walk down the chain: its attempts, charges and deadline."""
+
+    def __init__(self, router: AsyncRouter, request: ImageRequest, policy: Policy, request_id: str,
+                 deadline: float) -> None:
+        self.r = router
+        self.request = request
+        self.policy = policy
+        self.request_id = request_id
+        self.deadline = deadline
+        self.attempts: list[Attempt] = []
+        self.errors: list[ImageRouterError] = []
+        self.billed = Decimal(0)
+
+    def remaining(self) -> float:
+        return self.deadline - self.r._clock()
+
+    async def try_candidate(self, cand: RankedCandidate) -> ProviderResponse | None:
+        """Call one candidate with retries; None means: go on to the next."""
+        r = self.r
+        provider = r.providers[cand.provider]
+        if not r.breaker.available(provider.name):
+            self._record(cand, "skipped", 0.0, error=ProviderUnavailable("circuit open", provider=provider.name))
+            return None
+        retrying = AsyncRetrying(
+            stop=self._stop,
+            wait=r._wait,
+            retry=retry_if_exception(lambda e: isinstance(e, ImageRouterError)
+                                     and e.disposition is Disposition.RETRY),
+            sleep=r._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._call(provider, cand, attempt.retry_state.attempt_number - 1)
+        except ImageRouterError as exc:
+            self.errors.append(exc)
+            if isinstance(exc, BudgetExceeded):
+                return None  # a cheaper candidate further down may still fit the budget
+            if exc.disposition is Disposition.FATAL and not (
+                isinstance(exc, ContentPolicyError) and self.policy.fallback_on_content_policy
+            ):
+                raise self._attach(exc) from None
+        return None
+
+    def _stop(self, state: RetryCallState) -> bool:
+        if state.attempt_number > self.r.max_retries:
+            return True
+        wait = state.upcoming_sleep
+        exc = state.outcome.exception() if state.outcome else None
+        if getattr(exc, "retry_after", None) is not None and wait > self.r.max_retry_after_s:
+            return True  # told to wait longer than we are willing to: fall back instead
+        return self.r._clock() + wait >= self.deadline
+
+    async def _call(self, provider: Provider, cand: RankedCandidate, retry: int) -> ProviderResponse:
+        r = self.r
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed", request_id=self.request_id)
+        if not r.breaker.before_call(provider.name):
+            raise ProviderUnavailable("circuit open", provider=provider.name)
+        reservation: Reservation | None = None
+        t0 = r._clock()
+        try:
+            reservation = r.ledger.reserve(
+                request_id=self.request_id, provider=provider.name, model=cand.model,
+                amount=cand.estimate.cost_usd, tags=self.request.tags,
+            )
+            timeout = min(remaining, r.attempt_timeout_s)
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await provider.generate(self.request, cand.model, timeout_s=timeout)
+            except TimeoutError:
+                raise ProviderTimeout(f"no answer within {timeout:.1f}s", provider=provider.name) from None
+        except ImageRouterError as exc:
+            exc.provider = exc.provider or provider.name
+            if reservation is not None:
+                r.ledger.release(reservation, reason=exc.kind)
+            if isinstance(exc, _PROVIDER_FAULTS):
+                r.breaker.record_failure(provider.name)
+            else:
+                r.breaker.release(provider.name)
+            self._record(cand, "error", r._clock() - t0, error=exc, retry=retry)
+            raise
+        except BaseException:
+            if reservation is not None:
+                r.ledger.release(reservation, reason="cancelled")
+            r.breaker.release(provider.name)
+            raise
+        elapsed = r._clock() - t0
+        billing = response.billing
+        r.ledger.settle(reservation, billing.cost_usd, unit=billing.unit, quantity=billing.quantity,
+                        details=billing.details)
+        r.breaker.record_success(provider.name)
+        r.stats.record(provider.name, response.model, elapsed)
+        self.billed += billing.cost_usd
+        self._record(cand, "success", elapsed, cost=billing.cost_usd, retry=retry)
+        return response
+
+    def _record(self, cand: RankedCandidate, outcome: Any, latency: float, *, error: ImageRouterError | None = None,
+                cost: Decimal = Decimal(0), retry: int = 0) -> None:
+        self.attempts.append(Attempt(
+            provider=cand.provider, model=cand.model, outcome=outcome, latency_s=latency, cost_usd=cost,
+            error=error.kind if error else None, message=error.message if error else None,
+            status_code=error.status_code if error else None, retry=retry,
+        ))
+
+    def _attach(self, exc: ImageRouterError) -> ImageRouterError:
+        exc.attempts = list(self.attempts)
+        exc.request_id = exc.request_id or self.request_id
+        return exc
+
+    def failure(self, decision: RoutingDecision) -> ImageRouterError:
+        """The error to raise when the chain ran out."""
+        if self.errors and all(isinstance(e, BudgetExceeded) for e in self.errors):
+            return self._attach(self.errors[-1])
+        trail = "; ".join(f"{a.provider}/{a.model}: {a.error} ({a.message})" for a in self.attempts
+                          if a.outcome != "success")
+        return AllProvidersFailed(f"every provider failed: {trail}", attempts=self.attempts, decision=decision,
+                                  request_id=self.request_id)
+
+    def result(self, cand: RankedCandidate, response: ProviderResponse, decision: RoutingDecision,
+               start: float, routed: float) -> GenerationResult:
+        end = self.r._clock()
+        billing = response.billing
+        last = self.attempts[-1]
+        return GenerationResult(
+            images=response.images,
+            provider=cand.provider,
+            model=response.model,
+            cost=Cost(
+                estimated_usd=cand.estimate.cost_usd,
+                actual_usd=self.billed,
+                unit=billing.unit,
+                quantity=billing.quantity,
+                price_table_version=billing.price_table_version,
+                details=billing.details,
+            ),
+            latency=Latency(
+                total_s=end - start, routing_s=routed - start, provider_s=last.latency_s,
+                queue_s=max(0.0, end - routed - last.latency_s),
+            ),
+            attempts=self.attempts,
+            decision=decision,
+            warnings=list(dict.fromkeys((*cand.warnings, *response.warnings))),
+            request_id=self.request_id,
+            provider_request_id=response.provider_request_id,
+        )
+
+
+class _Portal:
+    """An event loop in a daemon thread, so sync code can call the async core safely
+    (also from inside a running loop, e.g. a notebook)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="imagerouter-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+_portal_lock = threading.Lock()
+_the_portal: _Portal | None = None
+
+
+def _portal() -> _Portal:
+    global _the_portal
+    with _portal_lock:
+        if _the_portal is None:
+            _the_portal = _Portal()
+        return _the_portal
+
+
+class Router:
+    """The synchronous router: the same API as :class:`AsyncRouter`, blocking.
+
+    It runs the async core on a private event loop thread, so it works in scripts,
+    web servers and notebooks alike.
+    """
+
+    def __init__(self, providers: Sequence[Provider] | None = None, **kw: Any) -> None:
+        if providers is None:
+            self._async = AsyncRouter.from_env(**kw)
+        else:
+            self._async = AsyncRouter(providers, **kw)
+
+    @classmethod
+    def from_env(cls, **kw: Any) -> Router:
+        return cls(None, **kw)
+
+    @property
+    def async_router(self) -> AsyncRouter:
+        return self._async
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._async.ledger
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self._async.providers
+
+    def route(self, request: ImageRequest | str, **kw: Any) -> RoutingDecision:
+        return self._async.route(request, **kw)
+
+    def generate(self, request: ImageRequest | str, **kw: Any) -> GenerationResult:
+        return _portal().call(self._async.agenerate(request, **kw))
+
+    def close(self) -> None:
+        _portal().call(self._async.aclose())
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: Router | None = None
+_default_lock = threading.Lock()
+
+
+def default_router() -> Router:
+    """The router that module-level :func:`generate` uses, configured from the environment."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Router.from_env()
+        return _default
+
+
+def generate(request: ImageRequest | str, **kw: Any) -> GenerationResult:
+    """Generate with the default router: ``generate("a cat", width=512, height=512)``."""
+    return default_router().generate(request, **kw)
+
+
+_async_defaults: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRouter] = weakref.WeakKeyDictionary()
+
+
+async def agenerate(request: ImageRequest | str, **kw: Any) -> GenerationResult:
+    """Async :func:`generate` with a default router for the running event loop."""
+    loop = asyncio.get_running_loop()
+    router = _async_defaults.get(loop)
+    if router is None:
+        router = _async_defaults[loop] = AsyncRouter.from_env()
+    return await router.agenerate(request, **kw)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny images, and sandboxes served over real loopback HTTP."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+from PIL import Image
+
+if TYPE_CHECKING:
+    from providers.sandbox import OpenAISandbox
+
+
+def png(width: int = 64, height: int = 64, color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def half_mask(width: int = 64, height: int = 64) -> bytes:
+    """White (repaint) on the left half, black (keep) on the right."""
+    img = Image.new("L", (width, height), 0)
+    img.paste(255, (0, 0, width // 2, height))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[OpenAISandbox]:
+    from providers.sandbox import OpenAISandbox
+
+    with OpenAISandbox(api_key="sk-sandbox-primary") as sb:
+        yield sb
+
+
+@pytest.fixture
+def sandbox2() -> Iterator[OpenAISandbox]:
+    from providers.sandbox import OpenAISandbox
+
+    with OpenAISandbox(api_key="sk-sandbox-backup") as sb:
+        yield sb
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the developer's keys, policy or ledger."""
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("IMAGEROUTER_LEDGER", ":memory:")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg")))

@@ -1,0 +1,89 @@
+"""The ``imagerouter`` command, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from providers.sandbox import Fault, OpenAISandbox
+from router.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "three red apples on a wooden table, a sign that says SALE"
+
+
+def test_route_explain_json_with_no_configuration_lists_every_provider() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "IMAGEROUTER_P"))}
+    out = subprocess.run([sys.executable, "-m", "router.cli", "route", PROMPT, "--explain", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    data = json.loads(out.stdout)
+    from providers.registry import available_providers
+
+    seen = {r["provider"] for r in data["rejections"]} | {c["provider"] for c in data["chain"]}
+    assert seen == set(available_providers())
+    assert data["complexity"]["features"]["counts"] >= 1 and data["complexity"]["features"]["text_to_render"] >= 1
+    assert {r["code"] for r in data["rejections"]} == {"not-configured"}
+    assert all(r["reason"] for r in data["rejections"])
+    assert out.returncode == 6  # no route: the exit code says so
+
+
+def test_route_explain_prints_score_terms(monkeypatch: pytest.MonkeyPatch, sandbox: OpenAISandbox,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
+    assert main(["route", PROMPT, "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "openai/gpt-image-2" in text and "cost=" in text and "prompt complexity" in text
+    assert sandbox.hits() == 0  # a dry run calls nothing
+
+
+def test_generate_writes_images_and_records_spend(monkeypatch: pytest.MonkeyPatch, sandbox: OpenAISandbox,
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
+    monkeypatch.setenv("IMAGEROUTER_LEDGER", str(tmp_path / "ledger.sqlite3"))
+    assert main(["generate", "a cat", "--out", str(tmp_path / "out"), "--json", "--tag", "cli-test"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    files = [Path(f) for f in data["files"]]
+    assert len(files) == 1 and files[0].read_bytes()[:4] == b"\x89PNG"
+    assert data["provider"] == "openai" and float(data["cost"]["actual_usd"]) > 0
+    assert main(["ledger", "--by", "provider,tag", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spend"] == [{"key": {"provider": "openai", "tag": "cli-test"}, "requests": 1,
+                                "usd": data["cost"]["actual_usd"]}]
+
+
+def test_errors_map_to_distinct_exit_codes(monkeypatch: pytest.MonkeyPatch, sandbox: OpenAISandbox,
+                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
+    out = str(tmp_path)
+    assert main(["generate", "a cat", "--width", "1001", "--height", "1000", "--out", out]) == 3
+    sandbox.faults.push(Fault.moderation())
+    assert main(["generate", "a cat", "--out", out]) == 8
+    assert main(["generate", "a cat", "--residency", "local", "--out", out]) == 6
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-the-right-key-123")
+    assert main(["generate", "a cat", "--out", out]) == 4
+    assert "sk-not-the-right-key-123" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no file written for a failed request
+
+
+def test_providers_lists_configuration_state(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["providers", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    openai = next(r for r in rows if r["name"] == "openai")
+    assert openai["configured"] is False and "OPENAI_API_KEY" in openai["problem"]
+    assert "inpaint" in openai["models"]["gpt-image-2"]["tasks"] and "eu" in openai["models"]["gpt-image-2"]["regions"]
+
+
+def test_quickstart_example_runs_offline(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "examples/quickstart.py", str(tmp_path)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "served by openai/gpt-image-2" in out.stdout and "actual $" in out.stdout
+    assert (tmp_path / "lighthouse-0.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,73 @@
+"""Size adaptation and the circuit breaker: small pure parts with exact expectations."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.geometry import SizeRules, plan_size
+from router.health import CircuitBreaker
+
+GPT_IMAGE = SizeRules(multiple=16, min_side=256, max_side=3840, min_pixels=655_360, max_pixels=3840 * 2160,
+                      max_ratio=3.0, native=(1024, 1024))
+FIXED = SizeRules(fixed=((1024, 1024), (1536, 1024), (1024, 1536)), native=(1024, 1024))
+
+
+@pytest.mark.parametrize(
+    ("rules", "size", "ratio", "expected", "warns"),
+    [
+        (GPT_IMAGE, (1024, 1024), None, (1024, 1024), False),
+        (GPT_IMAGE, (1000, 1000), None, (1008, 1008), True),
+        (GPT_IMAGE, (512, 512), None, (816, 816), True),  # under the pixel minimum: grown, ratio kept
+        (GPT_IMAGE, (4096, 1024), None, (3552, 1184), True),  # ratio clamped to 3:1
+        (GPT_IMAGE, None, "16:9", (1360, 768), False),
+        (GPT_IMAGE, None, "1:1", (1024, 1024), False),
+        (FIXED, (1024, 1024), None, (1024, 1024), False),
+        (FIXED, (800, 600), None, (1536, 1024), True),
+        (FIXED, None, "16:9", (1536, 1024), True),
+        (FIXED, None, None, (1024, 1024), False),
+    ],
+)
+def test_plan_size(rules: SizeRules, size: tuple[int, int] | None, ratio: str | None,
+                   expected: tuple[int, int], warns: bool) -> None:
+    w, h = size or (None, None)
+    plan = plan_size(w, h, ratio, rules)
+    assert (plan.width, plan.height) == expected
+    assert rules.allows(plan.width, plan.height)
+    assert (plan.warning is not None) == warns and plan.exact == (not warns)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_threshold_and_probes_once_after_cooldown() -> None:
+    clock = Clock()
+    cb = CircuitBreaker(failure_threshold=3, cooldown_s=30, clock=clock)
+    for _ in range(2):
+        assert cb.before_call("p")
+        cb.record_failure("p")
+    assert cb.state("p") == "closed"
+    assert cb.before_call("p")
+    cb.record_failure("p")
+    assert cb.state("p") == "open" and not cb.before_call("p")
+    clock.now = 31
+    assert cb.state("p") == "half-open"
+    assert cb.before_call("p")  # the probe
+    assert not cb.before_call("p")  # only one probe at a time
+    cb.record_failure("p")
+    assert cb.state("p") == "open"  # a failed probe reopens at once
+    clock.now = 62
+    assert cb.before_call("p")
+    cb.record_success("p")
+    assert cb.state("p") == "closed" and cb.before_call("p")
+
+
+def test_request_errors_do_not_count_against_the_provider() -> None:
+    cb = CircuitBreaker(failure_threshold=1, cooldown_s=30, clock=Clock())
+    cb.before_call("p")
+    cb.release("p")
+    assert cb.state("p") == "closed"

@@ -1,0 +1,261 @@
+"""The router end to end through the official openai SDK, over real HTTP to the loopback sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from router.ledger import Budget, Ledger
+
+from providers.openai import OpenAIProvider
+from providers.sandbox import Fault, OpenAISandbox
+from router import (
+    AllProvidersFailed,
+    AsyncRouter,
+    AuthenticationError,
+    BudgetExceeded,
+    ContentPolicyError,
+    ImageRequest,
+    InsufficientCredits,
+    InvalidRequestError,
+    NoRouteError,
+)
+from tests.conftest import half_mask, png
+
+
+class Sleeps:
+    """Records the router's waits instead of sleeping through them."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def provider(sb: OpenAISandbox, name: str = "openai", **kw: object) -> OpenAIProvider:
+    return OpenAIProvider(name=name, api_key=sb.api_key, base_url=sb.base_url, **kw)  # type: ignore[arg-type]
+
+
+def make_router(*providers: OpenAIProvider, **kw: object) -> AsyncRouter:
+    kw.setdefault("ledger", ":memory:")
+    kw.setdefault("sleep", Sleeps())
+    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
+
+
+async def test_generation_returns_normalized_images_and_settled_cost(sandbox: OpenAISandbox) -> None:
+    async with make_router(provider(sandbox)) as router:
+        result = await router.agenerate("a lighthouse at dusk, oil painting", width=1536, height=1024, n=2,
+                                        seed=7, negative_prompt="blurry")
+    assert result.provider == "openai" and result.model == "gpt-image-2"
+    assert [(i.width, i.height, i.mime) for i in result.images] == [(1536, 1024, "image/png")] * 2
+    assert result.images[0].to_pil().size == (1536, 1024)
+    assert result.cost.unit == "tokens" and result.cost.actual_usd > 0
+    assert [a.outcome for a in result.attempts] == ["success"]
+    assert result.provider_request_id and result.provider_request_id.startswith("req_")
+    assert any("negative_prompt ignored" in w for w in result.warnings)
+    assert any("seed ignored" in w for w in result.warnings)
+    sent = sandbox.requests[-1].json
+    assert sent is not None and sent["size"] == "1536x1024" and sent["n"] == 2
+    assert "negative_prompt" not in sent and "seed" not in sent
+
+
+async def test_cost_is_settled_from_the_usage_tokens(sandbox: OpenAISandbox) -> None:
+    sandbox.usage_override = {
+        "input_tokens": 1050, "input_tokens_details": {"text_tokens": 50, "image_tokens": 1000},
+        "output_tokens": 4000, "total_tokens": 5050,
+    }
+    ledger = Ledger(":memory:")
+    async with make_router(provider(sandbox), ledger=ledger) as router:
+        result = await router.agenerate("a cat", width=1024, height=1024)
+    # gpt-image-2: $5 / 1M text-in, $8 / 1M image-in, $30 / 1M image-out
+    expected = (50 * Decimal(5) + 1000 * Decimal(8) + 4000 * Decimal(30)) / Decimal(1_000_000)
+    assert expected == Decimal("0.12825")
+    assert result.cost.actual_usd == expected
+    assert result.cost.quantity == 5050
+    assert result.cost.details == {"text_input_tokens": 50, "image_input_tokens": 1000, "output_tokens": 4000}
+    assert result.cost.estimated_usd != expected  # the estimate was a prior, the settlement is the bill
+    assert ledger.spent() == expected
+
+
+async def test_edit_with_a_white_repaint_mask_is_sent_as_alpha_zero(sandbox: OpenAISandbox) -> None:
+    init = png(1024, 1024, (10, 200, 10))
+    async with make_router(provider(sandbox)) as router:
+        result = await router.agenerate("paint a red door", init_image=init, mask_image=half_mask(1024, 1024),
+                                        width=1024, height=1024)
+    req = sandbox.requests[-1]
+    assert req.path == "/v1/images/edits" and "mask" in req.files and "image" in (req.files.keys() | {"image"})
+    import io
+
+    from PIL import Image
+
+    mask = Image.open(io.BytesIO(req.files["mask"][0]))
+    assert mask.mode == "RGBA"
+    assert mask.getpixel((10, 500))[3] == 0  # white (repaint) in our mask → alpha 0 for OpenAI
+    assert mask.getpixel((1000, 500))[3] == 255  # black (keep) → opaque
+    out = result.images[0].to_pil().convert("RGB")
+    assert out.getpixel((1000, 500)) == (10, 200, 10)  # the kept half is the init image
+    assert out.getpixel((10, 500)) != (10, 200, 10)
+
+
+async def test_429_is_retried_after_the_wait_the_provider_asked_for(sandbox: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.rate_limit(retry_after=2.0))
+    sleeps = Sleeps()
+    async with make_router(provider(sandbox), sleep=sleeps) as router:
+        result = await router.agenerate("a cat")
+    assert sleeps.waits == [2.0]
+    assert [(a.outcome, a.error, a.retry) for a in result.attempts] == [
+        ("error", "RateLimited", 0), ("success", None, 1)]
+    assert sandbox.hits("/v1/images/generations") == 2
+
+
+async def test_5xx_retries_with_backoff_then_falls_back_to_the_next_provider(
+    sandbox: OpenAISandbox, sandbox2: OpenAISandbox
+) -> None:
+    sandbox.faults.push(Fault.server_error(503), times=None)
+    sleeps = Sleeps()
+    router = make_router(provider(sandbox, "openai"), provider(sandbox2, "openai-backup"), sleep=sleeps,
+                         max_retries=2, rng=lambda: 1.0)
+    async with router:
+        result = await router.agenerate("a cat")
+    assert result.provider == "openai-backup"
+    assert [(a.provider, a.error) for a in result.attempts] == [
+        ("openai", "ProviderUnavailable"), ("openai", "ProviderUnavailable"), ("openai", "ProviderUnavailable"),
+        ("openai-backup", None)]
+    assert sleeps.waits == [0.5, 1.0]  # jittered exponential backoff, jitter pinned at its top
+    assert sandbox.hits() == 3 and sandbox2.hits() == 1  # (retries + 1) upstream hits, exactly
+    assert result.cost.actual_usd > 0 and all(a.cost_usd == 0 for a in result.attempts[:3])
+
+
+async def test_400_invalid_request_fails_fast_without_fallback(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.invalid_request(param="size"))
+    ledger = Ledger(":memory:")
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), ledger=ledger) as router:
+        with pytest.raises(InvalidRequestError) as info:
+            await router.agenerate("a cat")
+    assert info.value.status_code == 400 and info.value.provider == "openai"
+    assert [a.error for a in info.value.attempts] == ["InvalidRequestError"]
+    assert sandbox2.hits() == 0
+    assert ledger.spent() == 0 and ledger.report() == []  # nothing produced, nothing charged
+
+
+async def test_moderation_refusal_is_a_content_policy_error(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.moderation())
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup")) as router:
+        with pytest.raises(ContentPolicyError) as info:
+            await router.agenerate("something the moderator refuses")
+    assert info.value.code == "moderation_blocked" and sandbox.hits() == 1 and sandbox2.hits() == 0
+
+
+async def test_content_policy_falls_back_only_when_the_policy_allows(
+    sandbox: OpenAISandbox, sandbox2: OpenAISandbox
+) -> None:
+    from policies import Policy
+
+    sandbox.faults.push(Fault.moderation())
+    policy = Policy(name="lenient", fallback_on_content_policy=True)
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), policy=policy) as router:
+        result = await router.agenerate("x")
+    assert result.provider == "openai-backup" and result.attempts[0].error == "ContentPolicyError"
+
+
+async def test_auth_error_does_not_fall_back(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    wrong = OpenAIProvider(api_key="sk-wrong-key-0123456789", base_url=sandbox.base_url)
+    async with make_router(wrong, provider(sandbox2, "openai-backup")) as router:
+        with pytest.raises(AuthenticationError) as info:
+            await router.agenerate("a cat")
+    assert "sk-wrong-key-0123456789" not in str(info.value) and sandbox2.hits() == 0
+
+
+async def test_insufficient_quota_falls_back_at_once(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.insufficient_quota())
+    sleeps = Sleeps()
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), sleep=sleeps) as router:
+        result = await router.agenerate("a cat")
+    assert result.provider == "openai-backup" and sleeps.waits == []
+    assert result.attempts[0].error == InsufficientCredits.__name__
+
+
+async def test_malformed_body_falls_back(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.malformed())
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup")) as router:
+        result = await router.agenerate("a cat")
+    assert result.attempts[0].error == "MalformedResponse" and result.provider == "openai-backup"
+
+
+async def test_timeout_is_retried_within_the_deadline(sandbox: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.timeout(seconds=3.0))
+    async with make_router(provider(sandbox), attempt_timeout_s=0.5) as router:
+        result = await router.agenerate("a cat")
+    assert [a.error for a in result.attempts] == ["ProviderTimeout", None]
+
+
+async def test_every_provider_failing_raises_all_providers_failed_with_the_trail(
+    sandbox: OpenAISandbox, sandbox2: OpenAISandbox
+) -> None:
+    sandbox.faults.push(Fault.server_error(500), times=None)
+    sandbox2.faults.push(Fault.server_error(502), times=None)
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), max_retries=1) as router:
+        with pytest.raises(AllProvidersFailed) as info:
+            await router.agenerate("a cat")
+    assert [(a.provider, a.status_code) for a in info.value.attempts] == [
+        ("openai", 500), ("openai", 500), ("openai-backup", 502), ("openai-backup", 502)]
+    assert "openai-backup" in str(info.value)
+
+
+async def test_circuit_opens_after_consecutive_failures_and_skips_the_provider(
+    sandbox: OpenAISandbox, sandbox2: OpenAISandbox
+) -> None:
+    sandbox.faults.push(Fault.server_error(503), times=None)
+    async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), max_retries=0) as router:
+        for _ in range(5):
+            result = await router.agenerate("a cat")
+            assert result.provider == "openai-backup"
+        decision = router.route("a cat")
+    assert sandbox.hits() == 3  # the breaker opened after three failures; no calls while open
+    assert ("openai", "circuit-open") in {(r.provider, r.code) for r in decision.rejections}
+
+
+async def test_budget_is_never_exceeded_by_50_concurrent_requests(sandbox: OpenAISandbox) -> None:
+    ledger = Ledger(":memory:")
+    async with make_router(provider(sandbox), ledger=ledger) as router:
+        one = router.route("a cat").chain[0].estimate.cost_usd
+        limit = one * 10 + one / 2
+        ledger.set_budget(Budget(limit, "day"))
+        outcomes = await asyncio.gather(*(router.agenerate("a cat") for _ in range(50)), return_exceptions=True)
+    ok = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert all(isinstance(e, BudgetExceeded | NoRouteError) for e in refused), refused[:3]
+    assert 1 <= len(ok) <= 10
+    assert ledger.spent(period="day") <= limit
+    assert ledger.spent(period="day") == sum(r.cost.actual_usd for r in ok)
+    assert sandbox.hits() == len(ok)  # no request was sent that the budget could not cover
+
+
+async def test_residency_routes_to_the_regional_host(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    eu = provider(sandbox, region_base_urls={"eu": sandbox2.base_url})
+    async with make_router(eu) as router:
+        result = await router.agenerate("a cat", residency={"eu"})
+    assert result.provider == "openai" and sandbox2.hits() == 1 and sandbox.hits() == 0
+
+
+async def test_no_route_lists_every_rejection(sandbox: OpenAISandbox) -> None:
+    async with make_router(provider(sandbox)) as router:
+        with pytest.raises(NoRouteError) as info:
+            await router.agenerate("a cat", residency={"jp"})
+        with pytest.raises(NoRouteError) as info2:
+            await router.agenerate(ImageRequest(prompt="x", controls=[{"kind": "canny", "image": png()}]))
+    assert [r.code for r in info.value.rejections] == ["residency"]
+    assert "does not do control" in str(info2.value)
+    assert sandbox.hits() == 0
+
+
+def test_sync_router_generates_from_plain_code(sandbox: OpenAISandbox, tmp_path) -> None:
+    from router import Router
+
+    with Router([provider(sandbox)], ledger=":memory:") as router:
+        result = router.generate("a cat", width=1024, height=1024, output_format="webp")
+    path = result.images[0].save(tmp_path / "cat")
+    assert path.suffix == ".webp" and path.read_bytes() == result.images[0].data
+    assert list(tmp_path.iterdir()) == [path]  # no partial files left behind
