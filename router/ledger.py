@@ -1,0 +1,521 @@
+"""The cost ledger: reserve a request's estimated cost, settle what the provider billed.
+
+The router calls :meth:`Ledger.reserve` with the estimate before it calls a provider,
+:meth:`Ledger.settle` with the actual cost after, and :meth:`Ledger.release` when the
+attempt failed (no charge for work not done). ``reserve`` checks every applicable
+budget and inserts the reservation in one ``BEGIN IMMEDIATE`` transaction, so neither
+concurrent coroutines and threads (one ``threading.Lock`` per ledger) nor processes
+sharing the file can overspend a budget together.
+
+Money is :class:`~decimal.Decimal` USD throughout and is stored as integer
+nano-dollars (1e-9 USD): reservations round up to the next nano-dollar, actual costs
+to the nearest; sums are integer arithmetic, so 0.1 + 0.2 is exactly 0.3.
+
+A charge belongs to the UTC calendar day and month of its reservation (``created``,
+read from the ledger's clock). An open reservation counts against budgets until it is
+settled or released, or until it is ``reservation_ttl_s`` old (default one hour): a
+crashed process must not hold a budget forever. A late settlement is still recorded.
+
+Schema (SQLite, ``PRAGMA user_version = 1``; WAL journal for files)::
+
+    budgets(period, tag, limit_usd)       -- tag '' = every request; limit as exact TEXT
+    charges(id, request_id, provider, model,
+            reserved_nano, actual_nano,    -- integer nano-dollars; actual NULL until settled
+            state,                         -- 'open' | 'settled' | 'released'
+            unit, quantity, details,       -- billing facts; quantity TEXT, details JSON
+            created, closed)               -- Unix seconds (REAL)
+    charge_tags(charge_id, tag)           -- one row per tag of a charge
+    totals(bucket, tag, usd_nano, requests)
+        -- settled spend per period bucket ('day:2026-05-09', 'month:2026-05', 'total')
+        -- and tag ('' = all charges), kept in step by settle() so a budget check
+        -- costs a primary-key lookup however long the ledger grows
+
+WAL needs a local filesystem: do not share a ledger file over NFS/SMB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, get_args
+
+import platformdirs
+
+from router.errors import BudgetExceeded
+
+Period = Literal["day", "month", "total"]
+PERIODS: tuple[Period, ...] = get_args(Period)
+GROUP_KEYS = ("provider", "model", "tag", "day", "month")
+UNTAGGED = "(untagged)"  # the report's tag key for charges that carry no tag
+
+_SCALE = 10**9  # nano-dollars per dollar
+_DAY_S = 86_400
+_EPOCH = date(1970, 1, 1)
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS budgets (
+        period TEXT NOT NULL CHECK (period IN ('day', 'month', 'total')),
+        tag TEXT NOT NULL,
+        limit_usd TEXT NOT NULL,
+        PRIMARY KEY (period, tag)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS charges (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        reserved_nano INTEGER NOT NULL,
+        actual_nano INTEGER,
+        state TEXT NOT NULL CHECK (state IN ('open', 'settled', 'released')),
+        unit TEXT NOT NULL DEFAULT '',
+        quantity TEXT NOT NULL DEFAULT '0',
+        details TEXT,
+        created REAL NOT NULL,
+        closed REAL)""",
+    "CREATE INDEX IF NOT EXISTS charges_created ON charges (created)",
+    "CREATE INDEX IF NOT EXISTS charges_open ON charges (created) WHERE state = 'open'",
+    """CREATE TABLE IF NOT EXISTS charge_tags (
+        charge_id INTEGER NOT NULL REFERENCES charges (id),
+        tag TEXT NOT NULL,
+        PRIMARY KEY (charge_id, tag)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS totals (
+        bucket TEXT NOT NULL,
+        tag TEXT NOT NULL,
+        usd_nano INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        PRIMARY KEY (bucket, tag)) WITHOUT ROWID""",
+)
+
+_OPEN_ALL = "SELECT COALESCE(SUM(reserved_nano), 0) FROM charges WHERE state = 'open' AND created >= ? AND created > ?"
+_OPEN_TAG = (
+    "SELECT COALESCE(SUM(c.reserved_nano), 0) FROM charges c"
+    " JOIN charge_tags t ON t.charge_id = c.id AND t.tag = ?"
+    " WHERE c.state = 'open' AND c.created >= ? AND c.created > ?"
+)
+_SETTLED = "SELECT usd_nano FROM totals WHERE bucket = ? AND tag = ?"
+_ADD_TOTAL = (
+    "INSERT INTO totals (bucket, tag, usd_nano, requests) VALUES (?, ?, ?, 1)"
+    " ON CONFLICT (bucket, tag) DO UPDATE SET usd_nano = usd_nano + excluded.usd_nano, requests = requests + 1"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending limit per UTC ``period``; ``tag=None`` applies to every request,
+    a tag budget only to requests carrying that tag."""
+
+    limit_usd: Decimal
+    period: Period = "month"
+    tag: str | None = None
+
+    def __post_init__(self) -> None:
+        limit = _decimal(self.limit_usd, "limit_usd")
+        if limit < 0:
+            raise ValueError(f"a budget's limit must be ≥ 0, got {limit}")
+        if self.period not in PERIODS:
+            raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {self.period!r}")
+        if self.tag is not None and not self.tag:
+            raise ValueError("a budget's tag must be a non-empty string, or None for every request")
+        object.__setattr__(self, "limit_usd", limit)
+
+    @property
+    def name(self) -> str:
+        """``period:tag``, with ``*`` for a budget on every request (``month:team-a``, ``day:*``)."""
+        return f"{self.period}:{self.tag or '*'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An open hold on ``amount`` USD for one provider attempt; settle or release it once."""
+
+    id: int
+    request_id: str
+    provider: str
+    model: str
+    amount: Decimal
+    tags: tuple[str, ...]
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """Settled spend for one group of :meth:`Ledger.report`."""
+
+    key: dict[str, str]
+    requests: int
+    usd: Decimal
+
+
+class Ledger:
+    """Budgets and charges in SQLite: a file (default: the user's data dir), or ``":memory:"``.
+
+    Safe to share between coroutines and threads of one process, and between
+    processes opening the same file. ``clock`` gives Unix seconds; periods are UTC
+    calendar days and months of it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        reservation_ttl_s: float = 3600.0,
+    ) -> None:
+        if reservation_ttl_s <= 0:
+            raise ValueError(f"reservation_ttl_s must be > 0, got {reservation_ttl_s}")
+        self.path: Path | str = default_path() if path is None else (
+            ":memory:" if os.fspath(path) == ":memory:" else Path(path)
+        )
+        self.reservation_ttl_s = reservation_ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False, cached_statements=64
+        )
+        try:
+            self._setup()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _setup(self) -> None:
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if isinstance(self.path, Path):
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        with self._tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(f"ledger {self.path} has schema v{version}; this version reads v{_SCHEMA_VERSION}")
+            for statement in _SCHEMA:
+                c.execute(statement)
+            c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._conn
+            conn.execute(f"BEGIN {mode}")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # --- budgets ------------------------------------------------------------------
+
+    def set_budget(self, budget: Budget) -> None:
+        """Add ``budget``, or replace the limit of the one with its period and tag."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO budgets (period, tag, limit_usd) VALUES (?, ?, ?)"
+                " ON CONFLICT (period, tag) DO UPDATE SET limit_usd = excluded.limit_usd",
+                (budget.period, budget.tag or "", str(budget.limit_usd)),
+            )
+
+    def remove_budget(self, period: Period, tag: str | None = None) -> None:
+        """Remove the budget on ``period`` and ``tag`` (None: the one on every request), if any."""
+        with self._tx() as c:
+            c.execute("DELETE FROM budgets WHERE period = ? AND tag = ?", (period, tag or ""))
+
+    def budgets(self) -> list[Budget]:
+        """Every budget, ordered by period then tag (the untagged one first)."""
+        with self._tx("DEFERRED") as c:
+            return _load_budgets(c)
+
+    def headroom(self, tags: Iterable[str] = ()) -> Decimal | None:
+        """What a request carrying ``tags`` may still reserve: the least, over the budgets
+        that apply to it, of limit − (settled + open reservations) this period.
+
+        None when no budget applies. Negative when actual costs overran their estimates.
+        """
+        tagset = _tags(tags)
+        now = self._clock()
+        with self._tx("DEFERRED") as c:
+            usage = [self._usage(c, b, now) for b in _load_budgets(c) if _applies(b, tagset)]
+        if not usage:
+            return None
+        return min(b.limit_usd - _usd(settled + reserved) for b, settled, reserved in usage)
+
+    # --- charges ------------------------------------------------------------------
+
+    def reserve(
+        self, *, request_id: str, provider: str, model: str, amount: Decimal, tags: Iterable[str] = ()
+    ) -> Reservation:
+        """Hold ``amount`` (the estimate) against every budget that applies to ``tags``.
+
+        Raises :class:`~router.errors.BudgetExceeded` and holds nothing when any of them
+        would go over its limit.
+        """
+        nano = _nano(amount, "amount", ROUND_CEILING)
+        tagset = _tags(tags)
+        now = self._clock()
+        with self._tx() as c:
+            worst: tuple[int, Budget, int, int] | None = None  # (overrun, budget, settled, reserved)
+            for budget in _load_budgets(c):
+                if _applies(budget, tagset):
+                    _, settled, reserved = self._usage(c, budget, now)
+                    over = settled + reserved + nano - _nano(budget.limit_usd, "limit", ROUND_FLOOR)
+                    if over > 0 and (worst is None or over > worst[0]):
+                        worst = (over, budget, settled, reserved)
+            if worst is not None:
+                _, budget, settled, reserved = worst
+                raise BudgetExceeded(
+                    f"budget {budget.name} ({_fmt(budget.limit_usd)}) would be exceeded: spent {_fmt(_usd(settled))}, "
+                    f"reserved {_fmt(_usd(reserved))}, this request needs {_fmt(_usd(nano))}",
+                    budget=budget.name,
+                    request_id=request_id,
+                )
+            cur = c.execute(
+                "INSERT INTO charges (request_id, provider, model, reserved_nano, state, created)"
+                " VALUES (?, ?, ?, ?, 'open', ?)",
+                (request_id, provider, model, nano, now),
+            )
+            charge_id = cur.lastrowid
+            assert charge_id is not None
+            if tagset:
+                c.executemany("INSERT INTO charge_tags VALUES (?, ?)", [(charge_id, t) for t in tagset])
+        return Reservation(
+            id=charge_id, request_id=request_id, provider=provider, model=model, amount=_usd(nano),
+            tags=tagset, created=datetime.fromtimestamp(now, UTC),
+        )
+
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_usd: Decimal,
+        *,
+        unit: str = "",
+        quantity: Decimal | float | int = 0,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        """Record what the provider billed for ``reservation`` (it may exceed the estimate)
+        and close it. Raises ValueError if it is already settled or released."""
+        nano = _nano(actual_usd, "actual_usd", ROUND_HALF_EVEN)
+        now = self._clock()
+        blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
+        with self._tx() as c:
+            created = self._close(c, reservation)
+            c.execute(
+                "UPDATE charges SET state = 'settled', actual_nano = ?, unit = ?, quantity = ?, details = ?,"
+                " closed = ? WHERE id = ?",
+                (nano, unit, str(quantity), blob, now, reservation.id),
+            )
+            rows = c.execute("SELECT tag FROM charge_tags WHERE charge_id = ?", (reservation.id,)).fetchall()
+            tags = ["", *(t for (t,) in rows)]
+            c.executemany(_ADD_TOTAL, [(_bucket(p, created), t, nano) for p in PERIODS for t in tags])
+
+    def release(self, reservation: Reservation, *, reason: str = "") -> None:
+        """Close ``reservation`` with no charge (the attempt failed or was cancelled).
+        Raises ValueError if it is already settled or released."""
+        now = self._clock()
+        blob = json.dumps({"reason": reason}) if reason else None
+        with self._tx() as c:
+            self._close(c, reservation)
+            c.execute(
+                "UPDATE charges SET state = 'released', details = ?, closed = ? WHERE id = ?",
+                (blob, now, reservation.id),
+            )
+
+    def _close(self, c: sqlite3.Connection, reservation: Reservation) -> float:
+        row = c.execute(
+            "SELECT state, created FROM charges WHERE id = ? AND request_id = ?",
+            (reservation.id, reservation.request_id),
+        ).fetchone()
+        if row is None:
+            raise ValueError(f"reservation {reservation.id} ({reservation.request_id}) is not in this ledger")
+        if row[0] != "open":
+            raise ValueError(f"reservation {reservation.id} ({reservation.request_id}) is already {row[0]}")
+        return float(row[1])
+
+    def _usage(self, c: sqlite3.Connection, budget: Budget, now: float) -> tuple[Budget, int, int]:
+        """(budget, settled, open reservations) in nano-dollars for the current period."""
+        tag = budget.tag or ""
+        row = c.execute(_SETTLED, (_bucket(budget.period, now), tag)).fetchone()
+        window = (_period_start(budget.period, now), now - self.reservation_ttl_s)
+        if budget.tag is None:
+            reserved = c.execute(_OPEN_ALL, window).fetchone()[0]
+        else:
+            reserved = c.execute(_OPEN_TAG, (tag, *window)).fetchone()[0]
+        return budget, (row[0] if row else 0), reserved
+
+    # --- reading ------------------------------------------------------------------
+
+    def spent(self, tags: Iterable[str] = (), period: Period = "month") -> Decimal:
+        """Settled spend this ``period`` on requests carrying every tag in ``tags`` (all if none)."""
+        if period not in PERIODS:
+            raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
+        tagset = _tags(tags)
+        now = self._clock()
+        with self._tx("DEFERRED") as c:
+            if len(tagset) <= 1:
+                row = c.execute(_SETTLED, (_bucket(period, now), tagset[0] if tagset else "")).fetchone()
+                return _usd(row[0] if row else 0)
+            marks = ", ".join("?" * len(tagset))
+            row = c.execute(
+                "SELECT COALESCE(SUM(actual_nano), 0) FROM charges c WHERE state = 'settled' AND created >= ?"
+                f" AND (SELECT COUNT(*) FROM charge_tags t WHERE t.charge_id = c.id AND t.tag IN ({marks})) = ?",
+                (_period_start(period, now), *tagset, len(tagset)),
+            ).fetchone()
+            return _usd(row[0])
+
+    def report(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: Sequence[str] = ("provider",),
+    ) -> list[SpendRow]:
+        """Settled spend and request counts between ``since`` (inclusive) and ``until``
+        (exclusive), grouped by any of provider, model, tag, day, month (UTC).
+
+        Grouped by tag, a charge counts once under each of its tags (``(untagged)`` if none).
+        Naive datetimes are taken as UTC.
+        """
+        group = list(dict.fromkeys(group_by))
+        unknown = [g for g in group if g not in GROUP_KEYS]
+        if unknown:
+            raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUP_KEYS)}")
+        day = "CAST(c.created / 86400 AS INTEGER) * 86400"
+        columns = {
+            "provider": "c.provider",
+            "model": "c.model",
+            "tag": f"COALESCE(t.tag, '{UNTAGGED}')",
+            "day": f"date({day}, 'unixepoch')",
+            "month": f"strftime('%Y-%m', {day}, 'unixepoch')",
+        }
+        keys = [columns[g] for g in group]
+        join = " LEFT JOIN charge_tags t ON t.charge_id = c.id" if "tag" in group else ""
+        where, args = ["c.state = 'settled'"], []
+        if since is not None:
+            where.append("c.created >= ?")
+            args.append(_timestamp(since))
+        if until is not None:
+            where.append("c.created < ?")
+            args.append(_timestamp(until))
+        select = ", ".join([*keys, "COUNT(*)", "COALESCE(SUM(c.actual_nano), 0)"])
+        sql = f"SELECT {select} FROM charges c{join} WHERE {' AND '.join(where)}"
+        if keys:
+            sql += f" GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}"
+        with self._tx("DEFERRED") as c:
+            rows = c.execute(sql, args).fetchall()
+        n = len(group)
+        return [
+            SpendRow(key=dict(zip(group, map(str, row[:n]), strict=True)), requests=row[n], usd=_usd(row[n + 1]))
+            for row in rows
+            if row[n]
+        ]
+
+    # --- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; the ledger cannot be used afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+
+def default_path() -> Path:
+    """``ledger.sqlite3`` in the user's data directory for imagerouter."""
+    return Path(platformdirs.user_data_dir("imagerouter")) / "ledger.sqlite3"
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def _load_budgets(c: sqlite3.Connection) -> list[Budget]:
+    rows = c.execute("SELECT period, tag, limit_usd FROM budgets ORDER BY period, tag").fetchall()
+    return [Budget(Decimal(limit), period, tag or None) for period, tag, limit in rows]
+
+
+def _applies(budget: Budget, tags: tuple[str, ...]) -> bool:
+    return budget.tag is None or budget.tag in tags
+
+
+def _tags(tags: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        raise TypeError("tags must be an iterable of strings, not one string")
+    out = tuple(sorted(set(tags)))
+    if any(not isinstance(t, str) or not t for t in out):
+        raise ValueError(f"tags must be non-empty strings, got {out!r}")
+    return out
+
+
+def _decimal(value: object, what: str) -> Decimal:
+    if isinstance(value, float):
+        value = repr(value)  # the shortest decimal that round-trips: 0.1 -> Decimal("0.1")
+    try:
+        d = Decimal(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ArithmeticError):
+        raise TypeError(f"{what} must be a Decimal amount in USD, got {value!r}") from None
+    if not d.is_finite():
+        raise ValueError(f"{what} must be finite, got {d}")
+    return d
+
+
+def _nano(value: object, what: str, rounding: str) -> int:
+    d = _decimal(value, what)
+    if d < 0:
+        raise ValueError(f"{what} must be ≥ 0, got {d}")
+    return int((d * _SCALE).to_integral_value(rounding=rounding))
+
+
+def _usd(nano: int) -> Decimal:
+    return Decimal(nano) / _SCALE
+
+
+def _fmt(usd: Decimal) -> str:
+    cents = usd.quantize(Decimal("0.01"))
+    return f"${cents}" if cents == usd else f"${usd.normalize():f}"
+
+
+def _day(ts: float) -> int:
+    return math.floor(ts / _DAY_S)
+
+
+def _bucket(period: Period, ts: float) -> str:
+    if period == "total":
+        return "total"
+    d = _EPOCH + timedelta(days=_day(ts))
+    return f"day:{d.isoformat()}" if period == "day" else f"month:{d:%Y-%m}"
+
+
+def _period_start(period: Period, ts: float) -> float:
+    if period == "total":
+        return -math.inf
+    if period == "day":
+        return float(_day(ts) * _DAY_S)
+    first = (_EPOCH + timedelta(days=_day(ts))).replace(day=1)
+    return float((first - _EPOCH).days * _DAY_S)
+
+
+def _timestamp(when: datetime) -> float:
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+__all__ = ["GROUP_KEYS", "PERIODS", "Budget", "Ledger", "Period", "Reservation", "SpendRow", "default_path"]
