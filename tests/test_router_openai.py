@@ -6,7 +6,6 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from router.ledger import Budget, Ledger
 
 from providers.openai import OpenAIProvider
 from providers.sandbox import Fault, OpenAISandbox
@@ -21,6 +20,7 @@ from router import (
     InvalidRequestError,
     NoRouteError,
 )
+from router.ledger import Budget, Ledger
 from tests.conftest import half_mask, png
 
 
@@ -233,11 +233,14 @@ async def test_budget_is_never_exceeded_by_50_concurrent_requests(sandbox: OpenA
     assert sandbox.hits() == len(ok)  # no request was sent that the budget could not cover
 
 
-async def test_residency_routes_to_the_regional_host(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
-    eu = provider(sandbox, region_base_urls={"eu": sandbox2.base_url})
-    async with make_router(eu) as router:
-        result = await router.agenerate("a cat", residency={"eu"})
-    assert result.provider == "openai" and sandbox2.hits() == 1 and sandbox.hits() == 0
+async def test_residency_routes_to_the_regional_host(sandbox: OpenAISandbox) -> None:
+    with OpenAISandbox(api_key=sandbox.api_key) as eu_host:
+        eu = provider(sandbox, region_base_urls={"eu": eu_host.base_url})
+        async with make_router(eu) as router:
+            result = await router.agenerate("a cat", residency={"eu"})
+            assert result.provider == "openai" and eu_host.hits() == 1 and sandbox.hits() == 0
+            await router.agenerate("a cat")
+            assert sandbox.hits() == 1 and eu_host.hits() == 1
 
 
 async def test_no_route_lists_every_rejection(sandbox: OpenAISandbox) -> None:

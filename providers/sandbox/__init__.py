@@ -1,0 +1,20 @@
+"""Loopback sandboxes: real HTTP servers on 127.0.0.1 that emulate vendor APIs for tests.
+
+``with OpenAISandbox() as sb:`` serves OpenAI's Images API at ``sb.base_url``;
+``sb.faults.push(Fault.rate_limit(retry_after=2.0))`` makes the next request fail;
+``sb.requests`` records what arrived. :class:`SandboxServer` is the vendor-neutral base.
+"""
+
+from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request, Response, SandboxServer, Upload
+from providers.sandbox.openai import OpenAISandbox
+
+__all__ = [
+    "Fault",
+    "FaultPlan",
+    "OpenAISandbox",
+    "RecordedRequest",
+    "Request",
+    "Response",
+    "SandboxServer",
+    "Upload",
+]
