@@ -7,8 +7,8 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from PIL import Image
