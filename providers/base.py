@@ -7,15 +7,18 @@ error classes. It never retries: the router owns retries, fallback and deadlines
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from router.geometry import SizePlan, SizeRules, plan_size
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,3 +184,24 @@ class Provider(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+async def fan_out(n: int, call: Callable[[int], Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``call(0) … call(n-1)`` concurrently, for backends that make one image per call.
+
+    Results keep their index order. If one call fails the others are cancelled and
+    that call's error is raised (the SDK's own error class, not an ExceptionGroup).
+    """
+    if n == 1:
+        return [await call(0)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks: list[asyncio.Task[T]] = [group.create_task(call(i)) for i in range(n)]
+    except BaseExceptionGroup as eg:
+        raise _first_leaf(eg) from None
+    return [t.result() for t in tasks]
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
