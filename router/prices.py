@@ -1,4 +1,8 @@
-"""Prices as data: the dated, versioned table shipped in ``providers/prices.toml``."""
+"""Prices as data: the dated, versioned table shipped in ``providers/prices/*.toml``.
+
+``_table.toml`` holds the version; every other file holds one provider's rows as
+``[prices."<provider>/<model>"]`` with ``unit``, ``source``, ``date`` and the rates.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,11 @@ def _row(key: str, raw: Mapping[str, Any]) -> PriceRow:
 @cache
 def default_prices() -> PriceTable:
     """The table shipped with the package."""
-    text = resources.files("providers").joinpath("prices.toml").read_text(encoding="utf-8")
-    doc = tomllib.loads(text)
-    return PriceTable(doc["version"], {k: _row(k, v) for k, v in doc["prices"].items()})
+    folder = resources.files("providers").joinpath("prices")
+    version = tomllib.loads(folder.joinpath("_table.toml").read_text(encoding="utf-8"))["version"]
+    rows: dict[str, PriceRow] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml") and entry.name != "_table.toml":
+            doc = tomllib.loads(entry.read_text(encoding="utf-8"))
+            rows |= {k: _row(k, v) for k, v in doc.get("prices", {}).items()}
+    return PriceTable(version, rows)

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import functools
 import io
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ def png(size: tuple[int, int] = (64, 64), color: tuple[int, ...] = (200, 30, 30)
     return buf.getvalue()
 
 
-def alpha_mask(size: tuple[int, int], repaint_left: bool = True) -> bytes:
+def alpha_mask(size: tuple[int, int]) -> bytes:
     """RGBA PNG: alpha 0 (repaint) on the left half, 255 (keep) on the right."""
     img = Image.new("RGBA", size, (0, 0, 0, 255))
     img.paste((0, 0, 0, 0), (0, 0, size[0] // 2, size[1]))
@@ -468,7 +467,7 @@ async def test_200_concurrent_requests_over_keep_alive_all_succeed(sb: OpenAISan
 # --- conformance with the published spec ----------------------------------------------------
 
 
-def test_success_responses_validate_against_the_spec(http: httpx.Client, schema: Callable[[str], Any]) -> None:
+def test_success_responses_validate_against_the_spec(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
     for size in ("1024x1024", "1536x1024", "1024x1536"):
         for quality in ("low", "high", "auto"):
             body = http.post("images/generations", json={"prompt": "x", "size": size, "quality": quality}).json()
@@ -479,14 +478,14 @@ def test_success_responses_validate_against_the_spec(http: httpx.Client, schema:
     valid(schema("Model"), http.get("models/gpt-image-2").json())
 
 
-def test_custom_sizes_echo_wxh_and_otherwise_follow_the_spec(http: httpx.Client, schema: Callable[[str], Any]) -> None:
+def test_custom_sizes_echo_wxh_and_otherwise_follow_the_spec(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
     body = http.post("images/generations", json={"prompt": "x", "size": "1536x864", "quality": "low"}).json()
     assert body.pop("size") == "1536x864"  # the spec's enum lists only the three standard sizes
     valid(schema("ImagesResponse"), body)
 
 
 def test_error_responses_validate_against_the_spec(sb: OpenAISandbox, http: httpx.Client,
-                                                   schema: Callable[[str], Any]) -> None:
+                                                   schema: Callable[[str], Draft202012Validator]) -> None:
     for fault in (Fault.rate_limit(1.0), Fault.insufficient_quota(), Fault.server_error(503), Fault.moderation(),
                   Fault.invalid_request(param="n"), Fault.auth()):
         sb.faults.push(fault)
@@ -514,18 +513,17 @@ def test_error_responses_validate_against_the_spec(sb: OpenAISandbox, http: http
     {"prompt": "x", "size": 1024},
     {"prompt": "x", "model": 2},
 ], ids=lambda b: ",".join(f"{k}={v!r}"[:24] for k, v in b.items()) or "empty")
-def test_requests_the_spec_marks_invalid_are_rejected(http: httpx.Client, schema: Callable[[str], Any],
+def test_requests_the_spec_marks_invalid_are_rejected(http: httpx.Client, schema: Callable[[str], Draft202012Validator],
                                                       body: dict) -> None:
     assert not schema("CreateImageRequest").is_valid(body)
     resp = http.post("images/generations", json=body)
     assert resp.status_code == 400
     valid(schema("ErrorResponse"), resp.json())
     assert resp.json()["error"]["type"] == "invalid_request_error"
-    expected_param = next(iter(body), "prompt")
-    assert resp.json()["error"]["param"] == expected_param
+    assert resp.json()["error"]["param"] == (list(body)[-1] if body else "prompt")
 
 
-def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Callable[[str], Any]) -> None:
+def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
     body = {"prompt": "x", "model": "gpt-image-2", "n": 2, "size": "1024x1536", "quality": "low",
             "background": "auto", "output_format": "webp", "output_compression": 70, "moderation": "low",
             "user": "u-1", "stream": False, "partial_images": None}
@@ -533,4 +531,3 @@ def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Callab
     resp = http.post("images/generations", json=body)
     assert resp.status_code == 200
     assert [decode(d["b64_json"]).format for d in resp.json()["data"]] == ["WEBP", "WEBP"]
-    assert math.isclose(len(resp.json()["data"]), 2)

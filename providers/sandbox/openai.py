@@ -39,6 +39,7 @@ import hmac
 import io
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -331,8 +332,24 @@ def _encode(img: Image.Image, fmt: str, compression: int, transparent: bool) -> 
     return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=128)
+_flights: dict[tuple[str, int, _Params], threading.Lock] = {}
+_flights_lock = threading.Lock()
+
+
 def _generated(prompt: str, index: int, params: _Params) -> bytes:
+    """The encoded image, drawn once however many requests ask for it at the same time."""
+    key = (prompt, index, params)
+    with _flights_lock:
+        flight = _flights.setdefault(key, threading.Lock())
+    with flight:
+        data = _draw(prompt, index, params)
+    with _flights_lock:
+        _flights.pop(key, None)
+    return data
+
+
+@functools.lru_cache(maxsize=128)
+def _draw(prompt: str, index: int, params: _Params) -> bytes:
     size = (params.width, params.height)
     transparent = params.background == "transparent"
     return _encode(_art(prompt, index, size, transparent), params.output_format, params.output_compression,
