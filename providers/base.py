@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from router.geometry import SizePlan, SizeRules, plan_size
+from router.prices import PriceTable, default_prices
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
@@ -121,8 +122,10 @@ class Provider(ABC):
 
     kind: str = ""
 
-    def __init__(self, *, name: str | None = None) -> None:
+    def __init__(self, *, name: str | None = None, prices: PriceTable | None = None) -> None:
         self.name = name or self.kind
+        self.prices = prices or default_prices()
+        """The price table estimates and bills are computed from (the router may replace it)."""
 
     @abstractmethod
     def models(self) -> Sequence[str]:

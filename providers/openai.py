@@ -33,7 +33,7 @@ from router.errors import (
 )
 from router.geometry import SizeRules, plan_size
 from router.images import ImageDecodeError, encode, image_size, load_bytes, mask_to_alpha_repaint
-from router.prices import PriceRow, PriceTable, default_prices
+from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -78,7 +78,7 @@ class OpenAIProvider(Provider):
         quality: float = 0.9,
         prices: PriceTable | None = None,
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(name=name, prices=prices)
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._api_key = SecretStr(key) if isinstance(key, str) else key
         self._base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -89,7 +89,6 @@ class OpenAIProvider(Provider):
         regions = {"global", *self._region_urls} if self._base_url else set(REGIONS)
         self._caps = dataclasses.replace(_CAPS, regions=frozenset(regions), quality=quality)
         self._models = tuple(models)
-        self._prices = prices or default_prices()
         self._clients: dict[str, openai.AsyncOpenAI] = {}
 
     # --- what it can do ----------------------------------------------------------
@@ -129,7 +128,7 @@ class OpenAIProvider(Provider):
     # --- cost --------------------------------------------------------------------
 
     def _price(self, model: str) -> PriceRow:
-        row = self._prices.get(self.kind, model)
+        row = self.prices.get(self.kind, model)
         if row is None:
             raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
         return row
@@ -245,7 +244,7 @@ class OpenAIProvider(Provider):
             cost_usd=_token_cost(row, text, image_in, out),
             unit="tokens",
             quantity=Decimal(int(usage.total_tokens)),
-            price_table_version=self._prices.version,
+            price_table_version=self.prices.version,
             details={"text_input_tokens": text, "image_input_tokens": image_in, "output_tokens": out},
         )
 

@@ -75,6 +75,9 @@ class AsyncRouter:
             raise ValueError(f"provider names must be unique, got {names}")
         self.providers: dict[str, Provider] = {p.name: p for p in providers}
         self.policy = resolve_policy(policy)
+        if self.policy.prices:
+            for provider in providers:
+                provider.prices = provider.prices.with_overrides(self.policy.prices)
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         for rule in self.policy.budgets:
             self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))

@@ -262,3 +262,44 @@ def test_sync_router_generates_from_plain_code(sandbox: OpenAISandbox, tmp_path)
     path = result.images[0].save(tmp_path / "cat")
     assert path.suffix == ".webp" and path.read_bytes() == result.images[0].data
     assert list(tmp_path.iterdir()) == [path]  # no partial files left behind
+
+
+async def test_retry_after_longer_than_the_cap_falls_back_instead_of_waiting(
+    sandbox: OpenAISandbox, sandbox2: OpenAISandbox
+) -> None:
+    sandbox.faults.push(Fault.rate_limit(retry_after=120.0))
+    sleeps = Sleeps()
+    router = make_router(provider(sandbox), provider(sandbox2, "openai-backup"), sleep=sleeps, max_retry_after_s=60)
+    async with router:
+        result = await router.agenerate("a cat")
+    assert result.provider == "openai-backup" and sleeps.waits == []
+    assert [a.error for a in result.attempts] == ["RateLimited", None]
+
+
+async def test_the_deadline_bounds_the_whole_request(sandbox: OpenAISandbox) -> None:
+    from router import DeadlineExceeded, ProviderTimeout
+
+    sandbox.faults.push(Fault.timeout(seconds=3.0), times=None)
+    async with make_router(provider(sandbox), sleep=asyncio.sleep) as router:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises((DeadlineExceeded, AllProvidersFailed)) as info:
+            await router.agenerate("a cat", deadline_s=0.6)
+        elapsed = loop.time() - start
+    assert elapsed < 1.5
+    assert info.value.attempts and info.value.attempts[0].error == ProviderTimeout.__name__
+
+
+async def test_policy_file_prices_override_the_shipped_table(sandbox: OpenAISandbox) -> None:
+    from policies.policy import policy_from_dict
+
+    sandbox.usage_override = {
+        "input_tokens": 10, "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+        "output_tokens": 1000, "total_tokens": 1010,
+    }
+    policy = policy_from_dict({"extends": "balanced", "prices": {"openai/gpt-image-2": {
+        "image_output_per_mtok": "10.00"}}})
+    async with make_router(provider(sandbox), policy=policy) as router:
+        result = await router.agenerate("a cat")
+    assert result.cost.actual_usd == (10 * Decimal(5) + 1000 * Decimal(10)) / Decimal(1_000_000)
+    assert result.cost.price_table_version.endswith("+local")

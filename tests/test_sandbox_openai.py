@@ -81,8 +81,11 @@ def sdk(sb: OpenAISandbox) -> Iterator[openai.OpenAI]:
     client.close()
 
 
+Schemas = Callable[[str], Draft202012Validator]
+
+
 @pytest.fixture(scope="session")
-def schema() -> Callable[[str], Draft202012Validator]:
+def schema() -> Schemas:
     """A validator for ``#/components/schemas/<name>`` of the OpenAI spec, ``$ref``s resolved into it."""
     path = SPECS / "openai.openapi.yaml"
     if not path.is_file():
@@ -122,7 +125,8 @@ def test_generation_through_the_sdk_returns_pngs_of_the_requested_size(sb: OpenA
 
 def test_usage_counts_text_and_output_tokens(http: httpx.Client) -> None:
     prompt = "é" * 5  # 10 bytes → ceil(10 / 4) = 3 text tokens
-    body = http.post("images/generations", json={"prompt": prompt, "size": "1024x1536", "quality": "high", "n": 3}).json()
+    req = {"prompt": prompt, "size": "1024x1536", "quality": "high", "n": 3}
+    body = http.post("images/generations", json=req).json()
     out = 3 * round(4160 * 1024 * 1536 / 1024**2)
     assert body["usage"] == {"input_tokens": 3, "input_tokens_details": {"image_tokens": 0, "text_tokens": 3},
                              "output_tokens": out, "total_tokens": 3 + out}
@@ -467,7 +471,7 @@ async def test_200_concurrent_requests_over_keep_alive_all_succeed(sb: OpenAISan
 # --- conformance with the published spec ----------------------------------------------------
 
 
-def test_success_responses_validate_against_the_spec(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
+def test_success_responses_validate_against_the_spec(http: httpx.Client, schema: Schemas) -> None:
     for size in ("1024x1024", "1536x1024", "1024x1536"):
         for quality in ("low", "high", "auto"):
             body = http.post("images/generations", json={"prompt": "x", "size": size, "quality": quality}).json()
@@ -478,14 +482,14 @@ def test_success_responses_validate_against_the_spec(http: httpx.Client, schema:
     valid(schema("Model"), http.get("models/gpt-image-2").json())
 
 
-def test_custom_sizes_echo_wxh_and_otherwise_follow_the_spec(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
+def test_custom_sizes_echo_wxh_and_otherwise_follow_the_spec(http: httpx.Client, schema: Schemas) -> None:
     body = http.post("images/generations", json={"prompt": "x", "size": "1536x864", "quality": "low"}).json()
     assert body.pop("size") == "1536x864"  # the spec's enum lists only the three standard sizes
     valid(schema("ImagesResponse"), body)
 
 
 def test_error_responses_validate_against_the_spec(sb: OpenAISandbox, http: httpx.Client,
-                                                   schema: Callable[[str], Draft202012Validator]) -> None:
+                                                   schema: Schemas) -> None:
     for fault in (Fault.rate_limit(1.0), Fault.insufficient_quota(), Fault.server_error(503), Fault.moderation(),
                   Fault.invalid_request(param="n"), Fault.auth()):
         sb.faults.push(fault)
@@ -513,7 +517,7 @@ def test_error_responses_validate_against_the_spec(sb: OpenAISandbox, http: http
     {"prompt": "x", "size": 1024},
     {"prompt": "x", "model": 2},
 ], ids=lambda b: ",".join(f"{k}={v!r}"[:24] for k, v in b.items()) or "empty")
-def test_requests_the_spec_marks_invalid_are_rejected(http: httpx.Client, schema: Callable[[str], Draft202012Validator],
+def test_requests_the_spec_marks_invalid_are_rejected(http: httpx.Client, schema: Schemas,
                                                       body: dict) -> None:
     assert not schema("CreateImageRequest").is_valid(body)
     resp = http.post("images/generations", json=body)
@@ -523,7 +527,7 @@ def test_requests_the_spec_marks_invalid_are_rejected(http: httpx.Client, schema
     assert resp.json()["error"]["param"] == (list(body)[-1] if body else "prompt")
 
 
-def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Callable[[str], Draft202012Validator]) -> None:
+def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Schemas) -> None:
     body = {"prompt": "x", "model": "gpt-image-2", "n": 2, "size": "1024x1536", "quality": "low",
             "background": "auto", "output_format": "webp", "output_compression": 70, "moderation": "low",
             "user": "u-1", "stream": False, "partial_images": None}
