@@ -31,15 +31,24 @@ class CandidateInfo:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """A candidate the filters removed; ``code`` is a stable keyword, ``reason`` for people."""
+    """A candidate the filters removed; ``code`` is a stable keyword, ``reason`` for people.
+
+    ``terms`` are the score terms it would have had, so a person can see what it cost them.
+    """
 
     provider: str
     model: str
     code: str
     reason: str
+    terms: dict[str, float] = field(default_factory=dict)
+    estimate: Estimate | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"provider": self.provider, "model": self.model, "code": self.code, "reason": self.reason}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider, "model": self.model, "code": self.code, "reason": self.reason,
+            "terms": {k: round(v, 4) for k, v in self.terms.items()},
+            "estimated_cost_usd": str(self.estimate.cost_usd) if self.estimate else None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +138,11 @@ class RoutingDecision:
             lines.append("chain: empty — no candidate can serve this request")
         if self.rejections:
             lines.append("rejected:")
-            lines += [f"  - {r.provider}/{r.model}: [{r.code}] {r.reason}" for r in self.rejections]
+            for r in self.rejections:
+                cost = ""
+                if r.estimate is not None:
+                    cost = f" (est ${_money(r.estimate.cost_usd)}, would score {sum(r.terms.values()):.3f})"
+                lines.append(f"  - {r.provider}/{r.model}: [{r.code}] {r.reason}{cost}")
         return "\n".join(lines)
 
 

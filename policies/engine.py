@@ -75,7 +75,8 @@ class PolicyEngine:
             reasons = list(self._rejections(request, cand, eff, context))
             if reasons:
                 code, reason = reasons[0]
-                rejections.append(Rejection(cand.provider, cand.model, code, reason))
+                terms = self._terms(cand, complexity, eff, request.n)
+                rejections.append(Rejection(cand.provider, cand.model, code, reason, terms, cand.estimate))
             else:
                 accepted.append(cand)
         ranked = self._rank(accepted, complexity, eff, request.n)
@@ -155,35 +156,34 @@ class PolicyEngine:
 
     # --- scoring ---------------------------------------------------------------------
 
+    def _terms(self, cand: CandidateInfo, complexity: PromptComplexity, eff: _Effective, n: int) -> dict[str, float]:
+        w, pol = eff.weights, self.policy
+        q = cand.capabilities.quality
+        names = {cand.provider, cand.kind}
+        per_image = float(cand.estimate.cost_usd) / n
+        latency = cand.observed_latency_s or cand.estimate.latency_s
+        return {
+            "cost": w.cost * max(0.0, 1.0 - per_image / float(pol.cost_scale_usd)),
+            "latency": w.latency * max(0.0, 1.0 - latency / pol.latency_scale_s),
+            "fit": w.fit * max(0.0, 1.0 - FIT_PENALTY * max(0.0, complexity.score - q)),
+            "quality": w.quality * q,
+            "preference": w.preference * (bool(names & eff.prefer) - bool(names & eff.avoid)),
+        }
+
     def _rank(
-        self, accepted: list[CandidateInfo], complexity: PromptComplexity, eff: _Effective, request_n: int
+        self, accepted: list[CandidateInfo], complexity: PromptComplexity, eff: _Effective, n: int
     ) -> list[RankedCandidate]:
-        if not accepted:
-            return []
-        need = complexity.score
-        w = eff.weights
-        pol = self.policy
-        order = {name: i for i, name in enumerate(pol.fallback_order)}
+        order = {name: i for i, name in enumerate(self.policy.fallback_order)}
         scored = []
         for cand in accepted:
-            q = cand.capabilities.quality
-            names = {cand.provider, cand.kind}
-            per_image = float(cand.estimate.cost_usd) / request_n
-            latency = cand.observed_latency_s or cand.estimate.latency_s
-            terms = {
-                "cost": w.cost * max(0.0, 1.0 - per_image / float(pol.cost_scale_usd)),
-                "latency": w.latency * max(0.0, 1.0 - latency / pol.latency_scale_s),
-                "fit": w.fit * max(0.0, 1.0 - FIT_PENALTY * max(0.0, need - q)),
-                "quality": w.quality * q,
-                "preference": w.preference * (bool(names & eff.prefer) - bool(names & eff.avoid)),
-            }
+            terms = self._terms(cand, complexity, eff, n)
             ranked = RankedCandidate(
                 provider=cand.provider, model=cand.model, score=sum(terms.values()), terms=terms,
                 estimate=cand.estimate,
                 latency_source="observed" if cand.observed_latency_s is not None else "prior",
                 warnings=cand.plan.warnings,
             )
-            explicit = min((order[n] for n in names if n in order), default=len(order))
+            explicit = min((order[name] for name in (cand.provider, cand.kind) if name in order), default=len(order))
             scored.append((explicit, -ranked.score, cand.position, cand.provider, cand.model, ranked))
         scored.sort(key=lambda t: t[:5])
         return [t[-1] for t in scored]
