@@ -7,6 +7,7 @@ cost accounting. Providers stay thin; policies stay pure.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -39,9 +40,10 @@ from router.errors import (
 from router.health import CircuitBreaker
 from router.ledger import Budget, Ledger, Reservation
 from router.request import ImageRequest
-from router.result import Attempt, Cost, GenerationResult, Latency
+from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
 
 T = TypeVar("T")
+log = logging.getLogger("imagerouter")
 _PROVIDER_FAULTS = (ProviderUnavailable, ProviderTimeout, MalformedResponse)
 
 
@@ -288,8 +290,10 @@ class _Walk:
         self._record(cand, "success", elapsed, cost=billing.cost_usd, retry=retry)
         return response
 
-    def _record(self, cand: RankedCandidate, outcome: Any, latency: float, *, error: ImageRouterError | None = None,
-                cost: Decimal = Decimal(0), retry: int = 0) -> None:
+    def _record(self, cand: RankedCandidate, outcome: Outcome, latency: float, *,
+                error: ImageRouterError | None = None, cost: Decimal = Decimal(0), retry: int = 0) -> None:
+        log.debug("request %s attempt %s/%s retry %d: %s %s (%.3fs)", self.request_id, cand.provider, cand.model,
+                  retry, outcome, error.kind if error else "", latency)
         self.attempts.append(Attempt(
             provider=cand.provider, model=cand.model, outcome=outcome, latency_s=latency, cost_usd=cost,
             error=error.kind if error else None, message=error.message if error else None,
