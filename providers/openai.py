@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 REGIONS = ("global", "us", "eu", "ae", "au", "in", "jp")
 MODELS = ("gpt-image-2",)
 _MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-_OPTIONS = frozenset({"quality", "background", "output_compression", "moderation", "input_fidelity", "user"})
+_COMMON_OPTIONS = frozenset({"quality", "background", "output_compression", "user"})
+_GENERATION_OPTIONS = _COMMON_OPTIONS | {"moderation"}
+_EDIT_OPTIONS = _COMMON_OPTIONS | {"input_fidelity"}
+_OPTIONS = _GENERATION_OPTIONS | _EDIT_OPTIONS
 _SIZES = SizeRules(
     multiple=16, min_side=256, max_side=3840, min_pixels=655_360, max_pixels=3840 * 2160,
     max_ratio=3.0, native=(1024, 1024),
@@ -116,6 +119,11 @@ class OpenAIProvider(Provider):
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
+        allowed = _options_for(request)
+        endpoint = "edits" if request.init_image is not None else "generations"
+        misplaced = tuple(f"provider_options.{self.name}.{k} does not apply to {endpoint}; ignored"
+                          for k in request.provider_options.get(self.name, {}) if k in _OPTIONS - allowed)
+        base = Plan(base.size, base.warnings + misplaced)
         if request.width is None and request.aspect_ratio is None and request.init_image is not None:
             src = request.init_image
             if src.width and src.height:
@@ -141,9 +149,8 @@ class OpenAIProvider(Provider):
         out_tokens = request.n * round(per_mp.get(quality, per_mp["auto"]) * size.width * size.height / 1024**2)
         text_tokens = math.ceil(len(request.prompt.encode()) / 4)
         image_tokens = 0
-        for img in (request.init_image, request.mask_image):
-            if img is not None:
-                image_tokens += _image_tokens(img.width or 1024, img.height or 1024)
+        if request.init_image is not None:  # the mask is not billed as input
+            image_tokens = _image_tokens(request.init_image.width or 1024, request.init_image.height or 1024)
         cost = _token_cost(row, text_tokens, image_tokens, out_tokens)
         latency = float(row.rates.get("latency_s", 12.0)) * max(1.0, size.width * size.height / 1024**2) ** 0.5
         return Estimate(cost, latency, "tokens", Decimal(text_tokens + image_tokens + out_tokens))
@@ -184,7 +191,7 @@ class OpenAIProvider(Provider):
             "n": request.n,
             "size": f"{plan.size.width}x{plan.size.height}",
             "output_format": request.output_format,
-            **{k: v for k, v in options.items() if k in _OPTIONS},
+            **{k: v for k, v in options.items() if k in _options_for(request)},
         }
         headers = {"Idempotency-Key": request.idempotency_key} if request.idempotency_key else None
         client = self._client(self._region(request))
@@ -252,6 +259,10 @@ class OpenAIProvider(Provider):
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+def _options_for(request: ImageRequest) -> frozenset[str]:
+    return _EDIT_OPTIONS if request.init_image is not None else _GENERATION_OPTIONS
 
 
 def _token_cost(row: PriceRow, text: int, image_in: int, out: int) -> Decimal:

@@ -303,3 +303,14 @@ async def test_policy_file_prices_override_the_shipped_table(sandbox: OpenAISand
         result = await router.agenerate("a cat")
     assert result.cost.actual_usd == (10 * Decimal(5) + 1000 * Decimal(10)) / Decimal(1_000_000)
     assert result.cost.price_table_version.endswith("+local")
+
+
+async def test_provider_options_reach_the_api_and_misplaced_ones_are_warned(sandbox: OpenAISandbox) -> None:
+    options = {"openai": {"quality": "low", "input_fidelity": "high", "style": "vivid"}}
+    async with make_router(provider(sandbox)) as router:
+        result = await router.agenerate("a cat", provider_options=options)
+    sent = sandbox.requests[-1].json
+    assert sent is not None and sent["quality"] == "low"
+    assert "input_fidelity" not in sent and "style" not in sent
+    assert any("input_fidelity does not apply to generations" in w for w in result.warnings)
+    assert any("openai.style is not an option" in w for w in result.warnings)

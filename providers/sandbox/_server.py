@@ -199,7 +199,7 @@ class Request:
         """Text fields by name; the last wins where a name repeats."""
         return dict(self.fields)
 
-    def files(self, *names: str) -> list[Upload]:
+    def uploads_named(self, *names: str) -> list[Upload]:
         """The uploads under any of ``names``, in the order sent."""
         return [u for u in self.uploads if u.name in names]
 
@@ -319,7 +319,7 @@ class SandboxServer:
         self._stopping.clear()
         httpd = _HTTPServer(self)
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"{type(self).__name__}", daemon=True
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, name=f"{type(self).__name__}", daemon=True
         )
         self._httpd = httpd
         self._thread.start()
@@ -414,7 +414,10 @@ class SandboxServer:
 
     def _dispatch(self, request: Request) -> Response | None:
         started = time.perf_counter()
-        parse_body(request)
+        try:
+            parse_body(request)
+        except Exception as exc:  # a body the standard parsers choke on is the client's problem, not a crash
+            request.body_error = f"unreadable body ({type(exc).__name__})"
         record = RecordedRequest(
             method=request.method,
             path=request.path,

@@ -15,6 +15,9 @@ Sizes: ``auto`` means 1024x1024 (for edits too). Otherwise ``WxH`` with both sid
 multiples of 16, long side / short side <= 3, each side <= 3840, and
 655,360 <= W*H <= 3840*2160.
 
+Faults (``sb.faults``) apply only to requests whose key was accepted; a wrong or
+missing key is always the 401.
+
 Billing facts (the ``usage`` object; ``sb.usage_override`` replaces it verbatim):
 
 - ``text_tokens = ceil(len(prompt.encode("utf-8")) / 4)``
@@ -332,28 +335,28 @@ def _encode(img: Image.Image, fmt: str, compression: int, transparent: bool) -> 
     return buf.getvalue()
 
 
-_flights: dict[tuple[str, int, _Params], threading.Lock] = {}
+_DrawKey = tuple[str, int, int, int, str, str, int]
+_flights: dict[_DrawKey, threading.Lock] = {}
 _flights_lock = threading.Lock()
 
 
 def _generated(prompt: str, index: int, params: _Params) -> bytes:
     """The encoded image, drawn once however many requests ask for it at the same time."""
-    key = (prompt, index, params)
+    key = (prompt, index, params.width, params.height, params.background, params.output_format,
+           params.output_compression)
     with _flights_lock:
         flight = _flights.setdefault(key, threading.Lock())
     with flight:
-        data = _draw(prompt, index, params)
+        data = _draw(*key)
     with _flights_lock:
         _flights.pop(key, None)
     return data
 
 
 @functools.lru_cache(maxsize=128)
-def _draw(prompt: str, index: int, params: _Params) -> bytes:
-    size = (params.width, params.height)
-    transparent = params.background == "transparent"
-    return _encode(_art(prompt, index, size, transparent), params.output_format, params.output_compression,
-                   transparent)
+def _draw(prompt: str, index: int, width: int, height: int, background: str, fmt: str, compression: int) -> bytes:
+    transparent = background == "transparent"
+    return _encode(_art(prompt, index, (width, height), transparent), fmt, compression, transparent)
 
 
 def _edited(params: _Params, index: int, source: Image.Image, mask: Image.Image | None) -> bytes:
@@ -516,7 +519,7 @@ class OpenAISandbox(SandboxServer):
                                code="unknown_parameter")
         body = _form_values(request)
         params = _resolve(_check_fields(body, _EDIT_FIELDS))
-        uploads = request.files("image", "image[]")
+        uploads = request.uploads_named("image", "image[]")
         if not uploads:
             raise ApiError(400, "Missing required parameter: 'image'.", param="image",
                            code="missing_required_parameter")
@@ -524,7 +527,7 @@ class OpenAISandbox(SandboxServer):
             raise ApiError(400, f"Invalid 'image': at most {MAX_EDIT_IMAGES} images, got {len(uploads)}.",
                            param="image", code="too_many_images")
         sources = [_open_image(u, what="image", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES) for u in uploads]
-        masks = request.files("mask")
+        masks = request.uploads_named("mask")
         mask = None
         if len(masks) > 1:
             raise ApiError(400, "Invalid 'mask': send one mask.", param="mask", code="invalid_value")
