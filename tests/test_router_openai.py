@@ -314,3 +314,27 @@ async def test_provider_options_reach_the_api_and_misplaced_ones_are_warned(sand
     assert "input_fidelity" not in sent and "style" not in sent
     assert any("input_fidelity does not apply to generations" in w for w in result.warnings)
     assert any("openai.style is not an option" in w for w in result.warnings)
+
+
+def test_module_level_generate_uses_a_router_from_the_environment(
+    sandbox: OpenAISandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import router
+    import router.router as core
+
+    monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
+    monkeypatch.setenv("IMAGEROUTER_POLICY", "cheapest")
+    monkeypatch.setattr(core, "_default", None)
+    result = router.generate("a cat", width=1024, height=1024, max_cost_usd=1)
+    assert result.provider == "openai" and result.decision.policy == "cheapest"
+    assert sandbox.hits() == 1
+
+
+async def test_module_level_agenerate(sandbox: OpenAISandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    import router
+
+    monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
+    result = await router.agenerate(ImageRequest(prompt="a cat", n=2))
+    assert len(result.images) == 2 and sandbox.hits() == 1
