@@ -6,9 +6,11 @@
 """
 
 from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request, Response, SandboxServer, Upload
+from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.openai import OpenAISandbox
 
 __all__ = [
+    "BFLSandbox",
     "Fault",
     "FaultPlan",
     "OpenAISandbox",
