@@ -15,6 +15,7 @@ ENTRY_POINT_GROUP = "imagerouter.providers"
 
 BUILTIN: dict[str, str] = {
     "openai": "providers.openai:OpenAIProvider",
+    "stability": "providers.stability:StabilityProvider",
     "bfl": "providers.bfl:BFLProvider",
 }
 

@@ -47,8 +47,10 @@ def sandbox2() -> Iterator[OpenAISandbox]:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test sees the developer's keys, policy or ledger."""
-    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "BFL_API_KEY", "BFL_BASE_URL", "STABILITY_API_KEY",
-                "REPLICATE_API_TOKEN", "TOGETHER_API_KEY", "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS"):
+    for var in (
+        "OPENAI_API_KEY", "OPENAI_BASE_URL", "STABILITY_API_KEY", "STABILITY_BASE_URL", "REPLICATE_API_TOKEN",
+        "TOGETHER_API_KEY", "BFL_API_KEY", "BFL_BASE_URL", "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("IMAGEROUTER_LEDGER", ":memory:")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg")))

@@ -8,6 +8,7 @@
 from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request, Response, SandboxServer, Upload
 from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.openai import OpenAISandbox
+from providers.sandbox.stability import StabilitySandbox
 
 __all__ = [
     "BFLSandbox",
@@ -18,5 +19,6 @@ __all__ = [
     "Request",
     "Response",
     "SandboxServer",
+    "StabilitySandbox",
     "Upload",
 ]
