@@ -1,0 +1,128 @@
+"""Routing across vendors: fallback between providers of different kinds, and EU residency.
+
+Every provider here is the real adapter talking HTTP to its own loopback sandbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import pytest
+
+from policies import Policy
+from providers.bfl import BFLProvider
+from providers.openai import OpenAIProvider
+from providers.sandbox import BFLSandbox, Fault, OpenAISandbox, StabilitySandbox
+from providers.stability import StabilityProvider
+from router import AsyncRouter, ImageRequest, NoRouteError
+from router.fetch import SafeFetcher
+from tests.conftest import png
+
+
+@dataclass
+class Fleet:
+    openai: OpenAISandbox
+    openai_eu: OpenAISandbox
+    stability: StabilitySandbox
+    bfl: BFLSandbox
+    bfl_eu: BFLSandbox
+
+    def providers(self) -> list:
+        fetcher = SafeFetcher(allow_loopback=True)
+        return [
+            StabilityProvider(api_key=self.stability.api_key, base_url=self.stability.base_url,
+                              models=("stable-image-core",), fetcher=fetcher, poll_interval_s=0.01),
+            BFLProvider(api_key=self.bfl.api_key, base_url=self.bfl.base_url,
+                        region_base_urls={"eu": self.bfl_eu.base_url}, models=("flux-pro-1.1",),
+                        fetcher=fetcher, poll_interval_s=0.01),
+            OpenAIProvider(api_key=self.openai.api_key, base_url=self.openai.base_url,
+                           region_base_urls={"eu": self.openai_eu.base_url}),
+        ]
+
+    def hits(self) -> dict[str, int]:
+        return {name: getattr(self, name).hits() for name in ("openai", "openai_eu", "stability", "bfl", "bfl_eu")}
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    with ExitStack() as stack:
+        openai = stack.enter_context(OpenAISandbox(api_key="sk-fleet-openai"))
+        openai_eu = stack.enter_context(OpenAISandbox(api_key="sk-fleet-openai"))
+        bfl = stack.enter_context(BFLSandbox(api_key="bfl-fleet-key"))
+        bfl_eu = stack.enter_context(BFLSandbox(api_key="bfl-fleet-key"))
+        stability = stack.enter_context(StabilitySandbox(api_key="sk-fleet-stability"))
+        yield Fleet(openai, openai_eu, stability, bfl, bfl_eu)
+
+
+async def _sleep(_: float) -> None:
+    return None
+
+
+def router(fleet: Fleet, **kw: object) -> AsyncRouter:
+    return AsyncRouter(fleet.providers(), ledger=":memory:", sleep=_sleep, **kw)  # type: ignore[arg-type]
+
+
+async def test_fallback_across_kinds_returns_one_result_with_the_whole_trail(fleet: Fleet) -> None:
+    fleet.stability.faults.push(Fault.server_error(503), times=None)
+    fleet.bfl.faults.push(Fault.server_error(500), times=None)
+    order = Policy(name="ordered", fallback_order=("stability", "bfl", "openai"))
+    async with router(fleet, policy=order, max_retries=1) as r:
+        decision = r.route("a lighthouse at dusk", width=1024, height=1024)
+        assert [c.provider for c in decision.chain] == ["stability", "bfl", "openai"]
+        result = await r.agenerate("a lighthouse at dusk", width=1024, height=1024)
+    assert result.provider == "openai" and result.images[0].width == 1024
+    assert [(a.provider, a.error) for a in result.attempts] == [
+        ("stability", "ProviderUnavailable"), ("stability", "ProviderUnavailable"),
+        ("bfl", "ProviderUnavailable"), ("bfl", "ProviderUnavailable"),
+        ("openai", None),
+    ]
+    assert result.cost.actual_usd == result.attempts[-1].cost_usd > 0
+    assert sum(a.cost_usd for a in result.attempts[:-1]) == 0  # failed calls cost nothing
+    assert fleet.hits() == {"openai": 1, "openai_eu": 0, "stability": 2, "bfl": 2, "bfl_eu": 0}
+
+
+async def test_eu_residency_only_tries_eu_endpoints(fleet: Fleet) -> None:
+    fleet.openai_eu.faults.push(Fault.server_error(503), times=None)
+    async with router(fleet, policy="cheapest", max_retries=0) as r:
+        decision = r.route("a cat", width=1024, height=1024, residency={"eu"})
+        result = await r.agenerate("a cat", width=1024, height=1024, residency={"eu"})
+    assert [c.provider for c in decision.chain] == ["openai", "bfl"]
+    assert [(x.provider, x.code) for x in decision.rejections] == [("stability", "residency")]
+    assert result.provider == "bfl" and [a.provider for a in result.attempts] == ["openai", "bfl"]
+    hits = fleet.hits()
+    assert hits["bfl_eu"] >= 1 and hits["openai_eu"] == 1  # bfl: submit, poll, download
+    assert hits["bfl"] == hits["openai"] == hits["stability"] == 0  # nothing left the EU
+
+
+async def test_a_request_no_eu_backend_can_serve_lists_every_rejection(fleet: Fleet) -> None:
+    request = ImageRequest.from_kwargs("a cat", controls=[{"kind": "pose", "image": png()}], residency={"eu"})
+    async with router(fleet) as r:
+        with pytest.raises(NoRouteError) as info:
+            await r.agenerate(request)
+    reasons = {x.provider: x.reason for x in info.value.rejections}
+    assert set(reasons) == {"stability", "bfl", "openai"}
+    assert "control" in reasons["bfl"] and "control" in reasons["openai"]
+    assert "does not do control" in reasons["stability"]  # core takes no control; the first reason is shown
+    assert sum(fleet.hits().values()) == 0
+
+
+async def test_a_control_request_goes_only_where_a_controlnet_exists(fleet: Fleet) -> None:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    edges = Image.new("L", (1024, 1024), 0)
+    ImageDraw.Draw(edges).rectangle((200, 200, 800, 800), outline=255, width=6)
+    buf = io.BytesIO()
+    edges.save(buf, format="PNG")
+    control_models = ("stable-image-control",)
+    with StabilitySandbox(api_key="sk-fleet-stability") as stab:
+        providers = fleet.providers()
+        providers[0] = StabilityProvider(api_key=stab.api_key, base_url=stab.base_url, models=control_models,
+                                         fetcher=SafeFetcher(allow_loopback=True), poll_interval_s=0.01)
+        async with AsyncRouter(providers, ledger=":memory:", sleep=_sleep) as r:
+            result = await r.agenerate("a house", controls=[{"kind": "canny", "image": buf.getvalue()}])
+    assert result.provider == "stability" and stab.hits() == 1
+    assert {x.provider for x in result.decision.rejections} == {"bfl", "openai"}
