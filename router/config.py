@@ -7,7 +7,9 @@
                            (default: ``ledger.sqlite3`` in the user's data dir)
 ``IMAGEROUTER_PROVIDERS``  comma-separated provider kinds to register (default: all)
 ``OPENAI_API_KEY``         enables the ``openai`` provider (``OPENAI_BASE_URL``
-                           points it at another endpoint)
+                           points it at another endpoint); likewise
+                           ``STABILITY_API_KEY``, ``BFL_API_KEY``,
+                           ``REPLICATE_API_TOKEN``, ``TOGETHER_API_KEY``
 =========================  ========================================================
 """
 
