@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "imagerouter.providers"
 BUILTIN: dict[str, str] = {
     "openai": "providers.openai:OpenAIProvider",
     "stability": "providers.stability:StabilityProvider",
+    "together": "providers.together:TogetherProvider",
     "bfl": "providers.bfl:BFLProvider",
 }
 

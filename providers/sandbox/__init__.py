@@ -9,6 +9,7 @@ from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request
 from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.openai import OpenAISandbox
 from providers.sandbox.stability import StabilitySandbox
+from providers.sandbox.together import TogetherSandbox
 
 __all__ = [
     "BFLSandbox",
@@ -20,5 +21,6 @@ __all__ = [
     "Response",
     "SandboxServer",
     "StabilitySandbox",
+    "TogetherSandbox",
     "Upload",
 ]
