@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from decimal import Decimal
 
 import pytest
 
 from policies import Policy
 from providers.bfl import BFLProvider
 from providers.openai import OpenAIProvider
-from providers.sandbox import BFLSandbox, Fault, OpenAISandbox, StabilitySandbox
+from providers.sandbox import BFLSandbox, Fault, OpenAISandbox, StabilitySandbox, TogetherSandbox
 from providers.stability import StabilityProvider
+from providers.together import TogetherProvider
 from router import AsyncRouter, ImageRequest, NoRouteError
 from router.fetch import SafeFetcher
 from tests.conftest import png
@@ -28,6 +30,7 @@ class Fleet:
     stability: StabilitySandbox
     bfl: BFLSandbox
     bfl_eu: BFLSandbox
+    together: TogetherSandbox
 
     def providers(self) -> list:
         fetcher = SafeFetcher(allow_loopback=True)
@@ -39,10 +42,13 @@ class Fleet:
                         fetcher=fetcher, poll_interval_s=0.01),
             OpenAIProvider(api_key=self.openai.api_key, base_url=self.openai.base_url,
                            region_base_urls={"eu": self.openai_eu.base_url}),
+            TogetherProvider(api_key=self.together.api_key, base_url=self.together.base_url,
+                             models=("black-forest-labs/FLUX.1-schnell",), fetcher=fetcher),
         ]
 
     def hits(self) -> dict[str, int]:
-        return {name: getattr(self, name).hits() for name in ("openai", "openai_eu", "stability", "bfl", "bfl_eu")}
+        names = ("openai", "openai_eu", "stability", "bfl", "bfl_eu", "together")
+        return {name: getattr(self, name).hits() for name in names}
 
 
 @pytest.fixture
@@ -53,7 +59,8 @@ def fleet() -> Iterator[Fleet]:
         bfl = stack.enter_context(BFLSandbox(api_key="bfl-fleet-key"))
         bfl_eu = stack.enter_context(BFLSandbox(api_key="bfl-fleet-key"))
         stability = stack.enter_context(StabilitySandbox(api_key="sk-fleet-stability"))
-        yield Fleet(openai, openai_eu, stability, bfl, bfl_eu)
+        together = stack.enter_context(TogetherSandbox(api_key="tg-fleet-key"))
+        yield Fleet(openai, openai_eu, stability, bfl, bfl_eu, together)
 
 
 async def _sleep(_: float) -> None:
@@ -67,20 +74,22 @@ def router(fleet: Fleet, **kw: object) -> AsyncRouter:
 async def test_fallback_across_kinds_returns_one_result_with_the_whole_trail(fleet: Fleet) -> None:
     fleet.stability.faults.push(Fault.server_error(503), times=None)
     fleet.bfl.faults.push(Fault.server_error(500), times=None)
-    order = Policy(name="ordered", fallback_order=("stability", "bfl", "openai"))
+    fleet.together.faults.push(Fault.rate_limit(retry_after=1.0))
+    order = Policy(name="ordered", fallback_order=("stability", "bfl", "together", "openai"))
     async with router(fleet, policy=order, max_retries=1) as r:
         decision = r.route("a lighthouse at dusk", width=1024, height=1024)
-        assert [c.provider for c in decision.chain] == ["stability", "bfl", "openai"]
+        assert [c.provider for c in decision.chain] == ["stability", "bfl", "together", "openai"]
         result = await r.agenerate("a lighthouse at dusk", width=1024, height=1024)
-    assert result.provider == "openai" and result.images[0].width == 1024
+    assert result.provider == "together" and result.images[0].width == 1024
     assert [(a.provider, a.error) for a in result.attempts] == [
         ("stability", "ProviderUnavailable"), ("stability", "ProviderUnavailable"),
         ("bfl", "ProviderUnavailable"), ("bfl", "ProviderUnavailable"),
-        ("openai", None),
+        ("together", "RateLimited"), ("together", None),
     ]
-    assert result.cost.actual_usd == result.attempts[-1].cost_usd > 0
+    # FLUX.1-schnell on Together: 1 MP x $0.0027 x 4/4 steps
+    assert result.cost.actual_usd == result.attempts[-1].cost_usd == Decimal("0.0027")
     assert sum(a.cost_usd for a in result.attempts[:-1]) == 0  # failed calls cost nothing
-    assert fleet.hits() == {"openai": 1, "openai_eu": 0, "stability": 2, "bfl": 2, "bfl_eu": 0}
+    assert fleet.hits() == {"openai": 0, "openai_eu": 0, "stability": 2, "bfl": 2, "bfl_eu": 0, "together": 2}
 
 
 async def test_eu_residency_only_tries_eu_endpoints(fleet: Fleet) -> None:
@@ -89,7 +98,8 @@ async def test_eu_residency_only_tries_eu_endpoints(fleet: Fleet) -> None:
         decision = r.route("a cat", width=1024, height=1024, residency={"eu"})
         result = await r.agenerate("a cat", width=1024, height=1024, residency={"eu"})
     assert [c.provider for c in decision.chain] == ["openai", "bfl"]
-    assert [(x.provider, x.code) for x in decision.rejections] == [("stability", "residency")]
+    assert sorted((x.provider, x.code) for x in decision.rejections) == [("stability", "residency"),
+                                                                         ("together", "residency")]
     assert result.provider == "bfl" and [a.provider for a in result.attempts] == ["openai", "bfl"]
     hits = fleet.hits()
     assert hits["bfl_eu"] >= 1 and hits["openai_eu"] == 1  # bfl: submit, poll, download
@@ -102,7 +112,7 @@ async def test_a_request_no_eu_backend_can_serve_lists_every_rejection(fleet: Fl
         with pytest.raises(NoRouteError) as info:
             await r.agenerate(request)
     reasons = {x.provider: x.reason for x in info.value.rejections}
-    assert set(reasons) == {"stability", "bfl", "openai"}
+    assert set(reasons) == {"stability", "bfl", "openai", "together"}
     assert "control" in reasons["bfl"] and "control" in reasons["openai"]
     assert "does not do control" in reasons["stability"]  # core takes no control; the first reason is shown
     assert sum(fleet.hits().values()) == 0
@@ -125,4 +135,4 @@ async def test_a_control_request_goes_only_where_a_controlnet_exists(fleet: Flee
         async with AsyncRouter(providers, ledger=":memory:", sleep=_sleep) as r:
             result = await r.agenerate("a house", controls=[{"kind": "canny", "image": buf.getvalue()}])
     assert result.provider == "stability" and stab.hits() == 1
-    assert {x.provider for x in result.decision.rejections} == {"bfl", "openai"}
+    assert {x.provider for x in result.decision.rejections} == {"bfl", "openai", "together"}
