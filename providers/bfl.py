@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -387,15 +387,7 @@ def _status_error(response: httpx.Response, provider: str, task_id: str | None) 
     if status == 402:
         return InsufficientCredits(text, **kw)
     if status == 429:
-        return RateLimited(text, retry_after=_retry_after(response), **kw)
+        return RateLimited(text, retry_after=retry_after_s(response.headers), **kw)
     if status in (400, 404, 413, 422):
         return InvalidRequestError(text, **kw)
     return ProviderUnavailable(text, **kw)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -301,7 +301,7 @@ def _map_error(exc: Exception, provider: str) -> ImageRouterError:
     if isinstance(exc, openai.RateLimitError):
         if code == "insufficient_quota":
             return InsufficientCredits(text, **kw)
-        return RateLimited(text, retry_after=_retry_after(response), **kw)
+        return RateLimited(text, retry_after=retry_after_s(getattr(response, "headers", None)), **kw)
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
     if isinstance(exc, openai.BadRequestError) and code in ("moderation_blocked", "content_policy_violation"):
@@ -315,17 +315,3 @@ def _map_error(exc: Exception, provider: str) -> ImageRouterError:
     if isinstance(exc, ValueError):  # the body was not JSON
         return MalformedResponse(f"response body unreadable ({type(exc).__name__})", **kw)
     return ProviderUnavailable(f"unexpected {type(exc).__name__}", **kw)
-
-
-def _retry_after(response: Any) -> float | None:
-    if response is None:
-        return None
-    headers = response.headers
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) / scale)
-            except ValueError:
-                continue
-    return None

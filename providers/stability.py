@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -425,21 +425,9 @@ def _checked(response: httpx.Response, provider: str) -> httpx.Response:
     if status == 403:
         raise AuthenticationError(text, **kw)
     if status == 429:
-        raise RateLimited(text, retry_after=_retry_after(response), **kw)
+        raise RateLimited(text, retry_after=retry_after_s(response.headers), **kw)
     if status >= 500:
         raise ProviderUnavailable(text, **kw)
     if 400 <= status < 500:
         raise InvalidRequestError(text, **kw)
     raise MalformedResponse(f"unexpected HTTP {status}", **kw)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-

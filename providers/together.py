@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -312,7 +312,7 @@ def _map_error(exc: Exception, provider: str) -> ImageRouterError:
                                      or "nsfw" in message.lower()):
             return ContentPolicyError(text, **kw)
         if isinstance(exc, together.RateLimitError):
-            return RateLimited(text, retry_after=_retry_after(response), **kw)
+            return RateLimited(text, retry_after=retry_after_s(getattr(response, "headers", None)), **kw)
         if isinstance(exc, together.AuthenticationError | together.PermissionDeniedError):
             return AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
         if isinstance(exc, together.BadRequestError | together.NotFoundError | together.UnprocessableEntityError):
@@ -321,15 +321,3 @@ def _map_error(exc: Exception, provider: str) -> ImageRouterError:
     if isinstance(exc, ValueError):  # the body was not JSON
         return MalformedResponse(f"response body unreadable ({type(exc).__name__})", **kw)
     return ProviderUnavailable(f"unexpected {type(exc).__name__}", **kw)
-
-
-def _retry_after(response: Any) -> float | None:
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
-    return None

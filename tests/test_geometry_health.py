@@ -71,3 +71,16 @@ def test_request_errors_do_not_count_against_the_provider() -> None:
     cb.before_call("p")
     cb.release("p")
     assert cb.state("p") == "closed"
+
+
+def test_retry_after_reads_ms_seconds_and_http_dates() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from providers.base import retry_after_s
+
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_s({"retry-after": "2"}) == 2.0
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 < (retry_after_s({"retry-after": soon}) or 0) <= 30
+    assert retry_after_s({"retry-after": "soon"}) is None and retry_after_s(None) is None
