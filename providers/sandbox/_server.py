@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import email.policy
+import hashlib
 import http
 import json
 import logging
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, ClassVar, Self
+
+from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
@@ -600,3 +603,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 _STATUSES = frozenset(s.value for s in http.HTTPStatus)
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+def synthetic_image(prompt: str, seed: int, size: tuple[int, int]) -> Image.Image:
+    """A deterministic stand-in for a generated image: a flat colour and a disc from a hash of (seed, prompt)."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    bg = (digest[0], digest[1], digest[2])
+    fg = (255 - digest[0], 255 - digest[1], 255 - digest[2])
+    w, h = size
+    img = Image.new("RGB", size, bg)
+    r = min(w, h) * (0.15 + digest[8] / 255 * 0.2)
+    cx, cy = w * (0.3 + digest[6] / 255 * 0.4), h * (0.3 + digest[7] / 255 * 0.4)
+    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    return img

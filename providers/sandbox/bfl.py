@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import io
 import json
@@ -42,9 +41,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer
+from providers.sandbox._server import Fault, Request, Response, SandboxServer, synthetic_image
+from router.images import encode
 
 MAX_PIXELS = 4 * 1024 * 1024
 MIN_SIDE, MAX_SIDE = 256, 4096
@@ -187,38 +187,18 @@ class _Task:
 # --- pictures -----------------------------------------------------------------------------
 
 
-def _art(prompt: str, seed: int, size: tuple[int, int]) -> Image.Image:
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
-    bg, fg = tuple(digest[0:3]), tuple(255 - c for c in digest[0:3])
-    w, h = size
-    img = Image.new("RGB", size, bg)
-    r = min(w, h) * (0.15 + digest[8] / 255 * 0.2)
-    cx, cy = w * (0.3 + digest[6] / 255 * 0.4), h * (0.3 + digest[7] / 255 * 0.4)
-    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
-    return img
-
-
-def _encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "png":
-        img.convert("RGB").save(buf, format="PNG", compress_level=1)
-    else:
-        img.convert("RGB").save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _render(model: str, values: dict[str, Any], seed: int, fmt: str) -> bytes:
     prompt = values.get("prompt", "")
     if model == "flux-pro-1.0-fill":
         base: Image.Image = values["image"].convert("RGB")
-        art = _art(prompt, seed, base.size)
+        art = synthetic_image(prompt, seed, base.size)
         mask = values.get("mask")
         if mask is None:
-            return _encode(art, fmt)
+            return encode(art, fmt)
         white = mask.convert("L")
         if white.size != base.size:
             raise _invalid("mask", "Mask must have the same dimensions as the image", "value_error")
-        return _encode(Image.composite(art, base, white.point(lambda v: 255 if v >= 128 else 0)), fmt)
+        return encode(Image.composite(art, base, white.point(lambda v: 255 if v >= 128 else 0)).convert("RGB"), fmt)
     source = values.get("input_image")
     if model in RATIO_AREA:
         ratio = values.get("aspect_ratio") or (source.width / source.height if source is not None else 1.0)
@@ -227,10 +207,10 @@ def _render(model: str, values: dict[str, Any], seed: int, fmt: str) -> bytes:
         size = (values.get("width", 1024), values.get("height", 768))
         if size[0] * size[1] > MAX_PIXELS:
             raise _invalid("width", f"width * height must be at most {MAX_PIXELS} pixels", "value_error")
-    art = _art(prompt, seed, size)
+    art = synthetic_image(prompt, seed, size)
     if source is not None:
         art = Image.blend(source.convert("RGB").resize(size, Image.Resampling.LANCZOS), art, 0.5)
-    return _encode(art, fmt)
+    return encode(art, fmt)
 
 
 # --- the emulator ---------------------------------------------------------------------------

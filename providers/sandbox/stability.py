@@ -26,7 +26,6 @@ the input where the mask is black, so tests can check mask polarity.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import io
 import json
@@ -35,9 +34,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer, Upload
+from providers.sandbox._server import Fault, Request, Response, SandboxServer, Upload, synthetic_image
+from router.images import encode
 
 MAX_SEED = 4_294_967_294
 MAX_BODY = 10 * 1024 * 1024
@@ -165,23 +165,6 @@ def _open(upload: Upload) -> Image.Image:
 # --- pictures --------------------------------------------------------------------------------
 
 
-def _art(prompt: str, seed: int, size: tuple[int, int]) -> Image.Image:
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
-    bg, fg = tuple(digest[0:3]), tuple(255 - c for c in digest[0:3])
-    w, h = size
-    img = Image.new("RGB", size, bg)
-    r = min(w, h) * (0.15 + digest[8] / 255 * 0.2)
-    cx, cy = w * (0.3 + digest[6] / 255 * 0.4), h * (0.3 + digest[7] / 255 * 0.4)
-    ImageDraw.Draw(img).ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
-    return img
-
-
-def _encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format=_PIL_FORMAT[fmt])
-    return buf.getvalue()
-
-
 def _upscaled(route: str, w: int, h: int) -> tuple[int, int]:
     if route == "upscale/fast":
         return w * 4, h * 4
@@ -295,7 +278,7 @@ class StabilitySandbox(SandboxServer):
                 raise _bad("aspect_ratio: only valid for text-to-image requests")
         if route.startswith("generate/"):
             size = image.size if image is not None else SHAPES[values.get("aspect_ratio", "1:1")]
-            out = _art(prompt, seed, size)
+            out = synthetic_image(prompt, seed, size)
             if image is not None:
                 out = Image.blend(image.convert("RGB"), out, float(values["strength"]))
         elif route == "edit/inpaint":
@@ -308,11 +291,11 @@ class StabilitySandbox(SandboxServer):
                 mask = Image.eval(image.convert("RGBA").getchannel("A"), lambda a: 255 - a)
             else:
                 raise _bad("mask: required unless the image has an alpha channel")
-            out = Image.composite(_art(prompt, seed, image.size), image.convert("RGB"), mask)
+            out = Image.composite(synthetic_image(prompt, seed, image.size), image.convert("RGB"), mask)
         elif route.startswith("control/"):
             if image is None:
                 raise _bad("image: required")
-            out = Image.blend(_art(prompt, seed, image.size), image.convert("RGB"),
+            out = Image.blend(synthetic_image(prompt, seed, image.size), image.convert("RGB"),
                               float(values.get("control_strength", 0.7)) / 2)
         else:
             if image is None:
@@ -322,7 +305,7 @@ class StabilitySandbox(SandboxServer):
             out = image.convert("RGB").resize(_upscaled(route, *image.size), Image.Resampling.BICUBIC)
         if filtered:
             out = out.filter(ImageFilter.GaussianBlur(24))
-        answer = _answer(_encode(out, fmt), fmt, seed, filtered, accept)
+        answer = _answer(encode(out.convert("RGB"), fmt), fmt, seed, filtered, accept)
         if route == "upscale/creative":
             job_id = secrets.token_hex(32)
             with self._jobs_lock:
