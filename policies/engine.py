@@ -35,9 +35,11 @@ FIT_PENALTY = 3.0
 
 @dataclass(frozen=True, slots=True)
 class RoutingContext:
-    """What the router knows beyond the request: budget headroom for the request's tags."""
+    """What the router knows beyond the request: budget headroom for the request's tags, and
+    providers that offer no model at all (reported as rejections so ``explain()`` lists them)."""
 
     budget_headroom_usd: Decimal | None = None
+    unavailable: tuple[Rejection, ...] = ()
 
 
 @dataclass(slots=True)
@@ -79,6 +81,7 @@ class PolicyEngine:
                 rejections.append(Rejection(cand.provider, cand.model, code, reason, terms, cand.estimate))
             else:
                 accepted.append(cand)
+        rejections.extend(context.unavailable)
         ranked = self._rank(accepted, complexity, eff, request.n)
         return RoutingDecision(
             policy=self.policy.name,

@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "stability": "providers.stability:StabilityProvider",
     "together": "providers.together:TogetherProvider",
     "bfl": "providers.bfl:BFLProvider",
+    "local": "providers.local.provider:LocalProvider",
 }
 
 

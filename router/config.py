@@ -6,6 +6,7 @@
 ``IMAGEROUTER_LEDGER``     the ledger's SQLite path, or ``:memory:``
                            (default: ``ledger.sqlite3`` in the user's data dir)
 ``IMAGEROUTER_PROVIDERS``  comma-separated provider kinds to register (default: all)
+``IMAGEROUTER_MODELS``     the local backend's model catalog (YAML)
 ``OPENAI_API_KEY``         enables the ``openai`` provider (``OPENAI_BASE_URL``
                            points it at another endpoint); likewise
                            ``STABILITY_API_KEY``, ``BFL_API_KEY``,

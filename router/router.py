@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from policies.decision import CandidateInfo, RankedCandidate, RoutingDecision
+from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
 from policies.engine import PolicyEngine, RoutingContext
 from policies.policy import Policy, resolve_policy
 from policies.stats import LatencyStats
@@ -141,7 +141,12 @@ class AsyncRouter:
 
     def _decide(self, request: ImageRequest, policy: Policy) -> RoutingDecision:
         headroom = self.ledger.headroom(request.tags)
-        return self._engine(policy).decide(request, self.candidates(request), RoutingContext(headroom))
+        empty = tuple(
+            Rejection(p.name, "-", "not-configured", p.configuration_problem() or "offers no model")
+            for p in self.providers.values() if not p.models()
+        )
+        context = RoutingContext(headroom, empty)
+        return self._engine(policy).decide(request, self.candidates(request), context)
 
     # --- generation ------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     for var in (
         "OPENAI_API_KEY", "OPENAI_BASE_URL", "STABILITY_API_KEY", "STABILITY_BASE_URL", "REPLICATE_API_TOKEN",
         "TOGETHER_API_KEY", "TOGETHER_BASE_URL", "BFL_API_KEY", "BFL_BASE_URL",
-        "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS",
+        "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS", "IMAGEROUTER_MODELS",
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("IMAGEROUTER_LEDGER", ":memory:")

@@ -1,0 +1,197 @@
+"""Loading Diffusers pipelines safely, and sharing one base pipeline per model across tasks.
+
+Only safetensors are ever loaded (``use_safetensors=True``): a model whose weights are
+pickled (``.bin``/``.ckpt``/``.pt``) is refused before anything is read. One base pipeline
+is kept per model; img2img and inpaint pipelines share its modules through ``from_pipe``
+(with an explicit ``dtype``, so shared modules are never upcast in place). Models beyond
+the cache's budget are evicted least recently used first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from providers.local.catalog import ModelEntry
+from router.errors import InvalidRequestError
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_TASK_PIPES = {"img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
+
+
+class ModelNotAvailable(InvalidRequestError):
+    """The model's directory or weights are missing on this machine."""
+
+    def __init__(self, model: str, what: str) -> None:
+        self.model = model
+        super().__init__(f"local model {model!r}: {what}", provider="local", code="model_not_available")
+
+
+class UnsafeCheckpoint(InvalidRequestError):
+    """The model's weights are pickled; they are never loaded (convert them to safetensors)."""
+
+    def __init__(self, model: str, files: list[str]) -> None:
+        self.model = model
+        self.files = files
+        super().__init__(
+            f"local model {model!r}: weights are pickled ({', '.join(files[:3])}); pickles can run code, so they "
+            "are never loaded. Convert them to .safetensors (e.g. load once in a trusted environment and "
+            "save_pretrained(safe_serialization=True))", provider="local", code="unsafe_checkpoint")
+
+
+def check_weights(entry: ModelEntry) -> None:
+    """Refuse a missing model or pickled weights before anything is loaded."""
+    if not entry.is_local_dir:
+        return
+    root = Path(entry.path).expanduser()
+    if root.is_file():
+        if root.suffix in _PICKLE_SUFFIXES:
+            raise UnsafeCheckpoint(entry.name, [root.name])
+        raise ModelNotAvailable(entry.name, f"{root} is a single file; give a Diffusers directory "
+                                            "(save_pretrained output with model_index.json)")
+    if not root.is_dir():
+        raise ModelNotAvailable(entry.name, f"directory {root} does not exist; download or copy the model "
+                                            "there, or fix its path in the catalog")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise ModelNotAvailable(entry.name, f"{root} has no model_index.json; it is not a Diffusers "
+                                            "pipeline directory (save one with save_pretrained)")
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelNotAvailable(entry.name, f"{index} is not valid JSON ({exc})") from None
+    pickled: list[str] = []
+    missing: list[str] = []
+    for name, spec in components.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        if name in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "feature_extractor"):
+            continue
+        sub = root / name
+        files = [p for p in sub.rglob("*") if p.is_file()] if sub.is_dir() else []
+        if any(p.name.endswith(".safetensors") for p in files):
+            continue
+        bad = [str(p.relative_to(root)) for p in files if p.suffix in _PICKLE_SUFFIXES]
+        (pickled.extend(bad) if bad else missing.append(name))
+    if pickled:
+        raise UnsafeCheckpoint(entry.name, pickled)
+    if missing:
+        raise ModelNotAvailable(entry.name, f"no .safetensors weights for {', '.join(missing)} under {root}; "
+                                            "the download is incomplete — fetch the missing files")
+
+
+def offline() -> bool:
+    """Whether hub access is off (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE",
+                                                                                 "TRANSFORMERS_OFFLINE"))
+
+
+class PipelineCache:
+    """Base pipelines by model name, and their task views (which share the base's modules).
+
+    Least recently used models are evicted before a load that would exceed ``max_models``
+    or ``vram_budget_gb`` (the sum of the catalog's ``vram_gb``); a model larger than
+    the whole budget still loads, alone. The device worker is the only caller that loads.
+    """
+
+    def __init__(self, device: str = "cpu", *, max_models: int = 2, vram_budget_gb: float | None = None,
+                 dtype: Any = None) -> None:
+        self.device = device
+        self.max_models = max(1, max_models)
+        self.vram_budget_gb = vram_budget_gb
+        self._dtype = dtype
+        self._bases: OrderedDict[str, Any] = OrderedDict()
+        self._vram: dict[str, float] = {}
+        self._loaded: tuple[str, ...] = ()
+        self._tasks: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    @property
+    def dtype(self) -> Any:
+        import torch
+
+        if self._dtype is None:
+            self._dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        return self._dtype
+
+    def loaded(self) -> list[str]:
+        """The models held now, least recently used first (a snapshot; safe from any thread)."""
+        return list(self._loaded)
+
+    def base(self, entry: ModelEntry) -> Any:
+        """The model's base (txt2img) pipeline, loading it on first use."""
+        with self._lock:
+            pipe = self._bases.get(entry.name)
+            if pipe is not None:
+                self._bases.move_to_end(entry.name)
+                self._loaded = tuple(self._bases)
+                return pipe
+            self._vram[entry.name] = entry.vram_gb
+            while len(self._bases) and (len(self._bases) + 1 > self.max_models or (
+                    self.vram_budget_gb is not None and sum(self._vram.values()) > self.vram_budget_gb)):
+                self._evict(next(iter(self._bases)))  # free room before loading
+            try:
+                pipe = self._load(entry)
+            except BaseException:
+                self._vram.pop(entry.name, None)
+                raise
+            self._bases[entry.name] = pipe
+            self._loaded = tuple(self._bases)
+            return pipe
+
+    def for_task(self, entry: ModelEntry, task: str) -> Any:
+        """The pipeline for ``task`` (txt2img/img2img/inpaint), sharing the base's modules."""
+        base = self.base(entry)
+        if task == "txt2img":
+            return base
+        key = (entry.name, task)
+        with self._lock:
+            pipe = self._tasks.get(key)
+            if pipe is None:
+                import diffusers
+
+                cls = getattr(diffusers, _TASK_PIPES[task])
+                try:
+                    pipe = cls.from_pipe(base, dtype=self.dtype)
+                except (ValueError, KeyError) as exc:
+                    raise InvalidRequestError(f"local model {entry.name!r} has no {task} pipeline ({exc})",
+                                              provider="local") from None
+                pipe.set_progress_bar_config(disable=True)
+                self._tasks[key] = pipe
+            return pipe
+
+    def evict(self, name: str) -> None:
+        with self._lock:
+            self._evict(name)
+
+    def _evict(self, name: str) -> None:
+        self._bases.pop(name, None)
+        self._vram.pop(name, None)
+        self._loaded = tuple(self._bases)
+        for key in [k for k in self._tasks if k[0] == name]:
+            del self._tasks[key]
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _load(self, entry: ModelEntry) -> Any:
+        check_weights(entry)
+        from diffusers import DiffusionPipeline
+
+        path = str(Path(entry.path).expanduser()) if entry.is_local_dir else entry.path
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                path, use_safetensors=True, dtype=self.dtype,
+                local_files_only=entry.is_local_dir or offline())
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailable(entry.name, f"could not load from {path}: {exc}"[:600]) from None
+        pipe = pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.loads += 1
+        return pipe

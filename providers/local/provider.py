@@ -1,0 +1,221 @@
+"""``LocalProvider``: Diffusers pipelines on this machine's GPU (or CPU), behind the provider contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.local.catalog import Catalog, ModelEntry
+from providers.local.worker import DeviceWorker, Job, JobResult
+from router.errors import ImageRouterError, InvalidRequestError, ProviderUnavailable
+from router.geometry import SizeRules, plan_size
+from router.images import decode, encode, load_bytes, mask_to_white_repaint
+from router.prices import PriceTable
+from router.request import ImageRequest
+from router.result import GeneratedImage
+
+_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Seconds per denoising step per image at the family's native size, before anything is observed.
+_PRIOR_S_PER_STEP = {"sd15": 0.03, "sdxl": 0.08, "flux": 0.3}
+_LOAD_PRIOR_S = {"sd15": 5.0, "sdxl": 12.0, "flux": 30.0}
+_OPTIONS = frozenset({"safety_checker"})
+
+
+class LocalProvider(Provider):
+    """Local Diffusers models from a :class:`Catalog`, served by one worker per device.
+
+    ``usd_per_gpu_hour`` prices device time (0: local work is free). At most ``max_models``
+    base pipelines (and ``vram_budget_gb`` of catalog ``vram_gb``) stay loaded. The safety checker
+    runs where the model ships one, unless ``safety_checker=False`` here or
+    ``provider_options={"local": {"safety_checker": False}}`` on the request.
+    """
+
+    kind = "local"
+
+    def __init__(
+        self,
+        catalog: Catalog | Mapping[str, Any] | str | Path | None = None,
+        *,
+        name: str | None = None,
+        prices: PriceTable | None = None,
+        device: str | None = None,
+        usd_per_gpu_hour: float | Decimal = 0,
+        max_models: int = 2,
+        vram_budget_gb: float | None = None,
+        dtype: Any = None,
+        safety_checker: bool = True,
+        seconds_per_step: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(name=name, prices=prices)
+        if catalog is None:
+            catalog = os.environ.get("IMAGEROUTER_MODELS") or Catalog()
+        if isinstance(catalog, (str, Path)):
+            catalog = Catalog.from_yaml(catalog)
+        elif not isinstance(catalog, Catalog):
+            catalog = Catalog.from_dict(catalog)
+        self.catalog = catalog
+        self.usd_per_gpu_hour = Decimal(str(usd_per_gpu_hour))
+        self.safety_checker = safety_checker
+        self._device = device
+        self._max_models = max_models
+        self._vram_budget_gb = vram_budget_gb
+        self._dtype = dtype
+        self._worker: DeviceWorker | None = None
+        self._observed: dict[str, float] = dict(seconds_per_step or {})
+        """Per model: observed seconds per step per image at native size (an EMA)."""
+
+    # --- what it offers ------------------------------------------------------------
+    def models(self) -> Sequence[str]:
+        return self.catalog.names()
+
+    def capabilities(self, model: str) -> Capabilities:
+        e = self.catalog.get(model)
+        return Capabilities(
+            tasks=frozenset({"txt2img", "img2img", "inpaint"}),
+            sizes=SizeRules(multiple=e.multiple, min_side=e.min_side, max_side=e.max_side,
+                            max_pixels=e.max_side * e.max_side, native=e.native),
+            max_n=e.max_n, negative_prompt=e.family != "flux", seed=True, steps=True, guidance=True,
+            strength=True, scheduler=e.family != "flux", regions=frozenset({"local"}), quality=e.quality,
+            output_formats=frozenset(_MIME),
+        )
+
+    def provider_option_names(self) -> frozenset[str]:
+        return _OPTIONS
+
+    def configuration_problem(self) -> str | None:
+        if not self.catalog.names():
+            return "no local models: set IMAGEROUTER_MODELS to a model catalog file"
+        for module in ("torch", "diffusers"):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed: pip install 'imagerouter[local]'"
+        return None
+
+    def plan(self, request: ImageRequest, model: str) -> Plan:
+        base = super().plan(request, model)
+        src = request.init_image
+        if request.width is None and request.aspect_ratio is None and src is not None and src.width and src.height:
+            size = plan_size(src.width, src.height, None, self.capabilities(model).sizes)
+            note = () if size.exact else (f"output size {size.width}x{size.height}: the nearest shape {model} "
+                                          f"makes to the init image's {src.width}x{src.height}",)
+            return Plan(size, base.warnings + note)
+        return base
+
+    # --- cost and latency -------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """The device the worker runs on (CUDA when available, else CPU); resolved on first use."""
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def _steps(self, request: ImageRequest, entry: ModelEntry) -> int:
+        steps = request.steps or entry.steps
+        if request.task in ("img2img", "inpaint"):
+            strength = request.strength if request.strength is not None else (
+                0.8 if request.task == "img2img" else 1.0)
+            return max(1, int(steps * strength))
+        return steps
+
+    def seconds_per_step(self, model: str) -> float:
+        """Observed seconds per step per image at native size, or the family's prior."""
+        entry = self.catalog.get(model)
+        return self._observed.get(model, _PRIOR_S_PER_STEP[entry.family])
+
+    def estimate(self, request: ImageRequest, model: str) -> Estimate:
+        entry = self.catalog.get(model)
+        size = self.plan(request, model).size
+        scale = (size.width * size.height) / (entry.native[0] * entry.native[1])
+        seconds = self.seconds_per_step(model) * self._steps(request, entry) * request.n * scale
+        loaded = self._worker is not None and model in self._worker.cache.loaded()
+        if not loaded and model not in self._observed:
+            seconds += _LOAD_PRIOR_S[entry.family]
+        quantity = Decimal(f"{seconds:.3f}")
+        return Estimate(self._cost(quantity), seconds, unit="gpu_seconds", quantity=quantity)
+
+    def _cost(self, gpu_seconds: Decimal) -> Decimal:
+        return gpu_seconds * self.usd_per_gpu_hour / Decimal(3600)
+
+    def _observe(self, model: str, result: JobResult, job: Job) -> None:
+        entry = job.entry
+        scale = (job.width * job.height) / (entry.native[0] * entry.native[1])
+        work = max(1, result.steps_run) * len(job.seeds) * scale
+        sample = result.seconds / work
+        old = self._observed.get(model)
+        self._observed[model] = sample if old is None else 0.7 * old + 0.3 * sample
+
+    # --- the call ---------------------------------------------------------------------
+    @property
+    def worker(self) -> DeviceWorker:
+        if self._worker is None:
+            self._worker = DeviceWorker(self.device, max_models=self._max_models,
+                                        vram_budget_gb=self._vram_budget_gb, dtype=self._dtype)
+        return self._worker
+
+    async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
+        entry = self.catalog.get(model)
+        plan = self.plan(request, model)
+        width, height = plan.size.width, plan.size.height
+        if width % entry.multiple or height % entry.multiple:
+            raise InvalidRequestError(f"{model}: width and height must be multiples of {entry.multiple} "
+                                      f"(got {width}x{height})", provider=self.name)
+        init = mask = None
+        if request.init_image is not None:
+            init = decode(await load_bytes(request.init_image), what="init_image").convert("RGB")
+            if init.size != (width, height):
+                from PIL import Image
+
+                init = init.resize((width, height), Image.Resampling.LANCZOS)
+        if request.mask_image is not None:
+            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image), what="mask_image"),
+                                         (width, height))
+        seed = request.seed if request.seed is not None else random.randrange(2**32 - request.n)
+        options = request.provider_options.get(self.name, {})
+        job = Job(
+            entry=entry, task=request.task, prompt=request.prompt, width=width, height=height,
+            steps=request.steps or entry.steps,
+            guidance=request.guidance_scale if request.guidance_scale is not None else entry.guidance,
+            seeds=tuple(seed + i for i in range(request.n)), negative_prompt=request.negative_prompt,
+            scheduler=request.scheduler, strength=request.strength, init_image=init, mask_image=mask,
+            safety_checker=bool(options.get("safety_checker", self.safety_checker)),
+            deadline=time.monotonic() + timeout_s,
+        )
+        if job.task not in ("txt2img", "img2img", "inpaint"):
+            raise InvalidRequestError(f"{model}: task {job.task} is not served locally", provider=self.name)
+        try:
+            result = await self.worker.run(job)
+        except ImageRouterError:
+            raise
+        except ValueError as exc:
+            raise InvalidRequestError(f"{model}: {exc}"[:500], provider=self.name) from None
+        except Exception as exc:
+            raise ProviderUnavailable(f"{model} failed on {self.device}: {type(exc).__name__}: {exc}"[:500],
+                                      provider=self.name) from None
+        self._observe(model, result, job)
+        fmt = request.output_format
+        images = [
+            GeneratedImage(data=encode(img, fmt), mime=_MIME[fmt], width=img.width, height=img.height,
+                           seed=s, nsfw=flag)
+            for img, s, flag in zip(result.images, job.seeds, result.nsfw, strict=True)
+        ]
+        quantity = Decimal(f"{result.seconds:.3f}")
+        billing = Billing(
+            cost_usd=self._cost(quantity), unit="gpu_seconds", quantity=quantity,
+            price_table_version=f"local:{self.usd_per_gpu_hour}/gpu-hour",
+            details={"device": self.device, "steps": result.steps_run, "scheduler": result.scheduler,
+                     "seconds_per_step": round(result.seconds / max(1, result.steps_run), 4)},
+        )
+        return ProviderResponse(images=images, model=model, billing=billing, warnings=plan.warnings)
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

@@ -1,0 +1,180 @@
+"""One worker per device: it owns the pipelines and runs GPU work off the event loop.
+
+A single-thread executor is the device's queue, so two requests never run on one
+pipeline at once. Each call still gets its own pipeline object: a shallow copy of the
+cached one (the modules are shared, nothing is cast or moved) whose scheduler is a fresh
+instance. ``__call__`` writes its per-call state (``_guidance_scale``, ``_interrupt``,
+``_num_timesteps``…) as instance attributes, and assigning a registered component on a
+pipeline rebinds that attribute and its config entry (a new dict), so all of it lands
+on the copy and the cached pipeline is never mutated. (``from_pipe`` would do the same
+but re-casts every module per call and logs a warning each time.) Seeds are one CPU generator per
+image (``seed + i``), so a returned seed reproduces its image alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from providers.local.catalog import ModelEntry
+from providers.local.pipelines import PipelineCache
+from router.errors import InvalidRequestError, ProviderTimeout
+
+T = TypeVar("T")
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything one pipeline call needs, in plain values (PIL images for inputs)."""
+
+    entry: ModelEntry
+    task: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    init_image: Any = None
+    mask_image: Any = None
+    safety_checker: bool = True
+    deadline: float = float("inf")
+    """``time.monotonic()`` after which the call is interrupted."""
+
+
+@dataclass(slots=True)
+class JobResult:
+    """The images (PIL), their NSFW flags, and what the call cost in device time."""
+
+    images: list[Any]
+    nsfw: list[bool]
+    seconds: float
+    steps_run: int
+    scheduler: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_scheduler(current: Any, name: str | None) -> Any:
+    """A fresh scheduler instance: ``name``'s class from ``current``'s config, or a copy of ``current``."""
+    if name is None:
+        return type(current).from_config(current.config)
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(current.config, **extra)
+
+
+def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResult:
+    """Run ``job`` on a per-call view of ``entry_pipe`` (shared modules, own scheduler)."""
+    import torch
+
+    scheduler = make_scheduler(entry_pipe.scheduler, None if job.entry.family == "flux" else job.scheduler)
+    pipe = copy.copy(entry_pipe)
+    pipe.scheduler = scheduler
+    if not job.safety_checker and getattr(entry_pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    steps_run = 0
+
+    def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        nonlocal steps_run
+        steps_run = i + 1
+        if cancel.is_set() or time.monotonic() > job.deadline:
+            p._interrupt = True
+        return kwargs
+
+    gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+    kwargs: dict[str, Any] = {
+        "prompt": job.prompt, "num_inference_steps": job.steps, "guidance_scale": job.guidance,
+        "generator": gens, "num_images_per_prompt": len(job.seeds), "output_type": "pil",
+        "callback_on_step_end": on_step_end,
+    }
+    if job.negative_prompt and job.entry.family != "flux":
+        kwargs["negative_prompt"] = job.negative_prompt
+    if job.task == "txt2img":
+        kwargs |= {"width": job.width, "height": job.height}
+    else:
+        kwargs["image"] = job.init_image
+        kwargs["strength"] = job.strength if job.strength is not None else (0.8 if job.task == "img2img" else 1.0)
+        if job.task == "inpaint":
+            kwargs |= {"mask_image": job.mask_image, "width": job.width, "height": job.height}
+        if int(job.steps * kwargs["strength"]) < 1:
+            raise InvalidRequestError(f"steps × strength = {job.steps} × {kwargs['strength']} runs no denoising "
+                                      "step; raise steps or strength", provider="local")
+    if cancel.is_set() or time.monotonic() > job.deadline:
+        raise ProviderTimeout("cancelled before it started (deadline passed in the queue)", provider="local")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(**kwargs)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if getattr(pipe, "_interrupt", False):
+        raise ProviderTimeout(f"interrupted after {steps_run} step(s): deadline passed or cancelled",
+                              provider="local")
+    images = list(out.images)
+    flags = [bool(f) for f in (getattr(out, "nsfw_content_detected", None) or [False] * len(images))]
+    if job.task == "inpaint":  # keep unmasked pixels exact; a flagged image stays black
+        from PIL import Image
+
+        images = [img if flag else Image.composite(img.convert("RGB"), job.init_image, job.mask_image)
+                  for img, flag in zip(images, flags, strict=True)]
+    return JobResult(images, flags, seconds, steps_run, type(scheduler).__name__)
+
+
+class DeviceWorker:
+    """The only user of one device's pipelines: a one-thread queue in front of a :class:`PipelineCache`."""
+
+    def __init__(self, device: str = "cpu", *, max_models: int = 2, vram_budget_gb: float | None = None,
+                 dtype: Any = None) -> None:
+        self.device = device
+        self.cache = PipelineCache(device, max_models=max_models, vram_budget_gb=vram_budget_gb, dtype=dtype)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"imagerouter-{device}")
+        self.completed = 0
+        self.interrupted = 0
+        """Calls stopped early (deadline or cancellation); counted on the device thread."""
+
+    async def submit(self, fn: Callable[[PipelineCache, threading.Event], T]) -> T:
+        """Run ``fn(cache, cancel)`` on the device thread; cancelling the await sets ``cancel``."""
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, fn, self.cache, cancel)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def run(self, job: Job) -> JobResult:
+        """Queue one generation on this device."""
+
+        def work(cache: PipelineCache, cancel: threading.Event) -> JobResult:
+            try:
+                result = call_pipeline(cache.for_task(job.entry, job.task), job, cancel)
+            except ProviderTimeout:
+                self.interrupted += 1
+                raise
+            self.completed += 1
+            return result
+
+        return await self.submit(work)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
