@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "imagerouter.providers"
 BUILTIN: dict[str, str] = {
     "openai": "providers.openai:OpenAIProvider",
     "stability": "providers.stability:StabilityProvider",
+    "replicate": "providers.replicate:ReplicateProvider",
     "together": "providers.together:TogetherProvider",
     "bfl": "providers.bfl:BFLProvider",
     "local": "providers.local.provider:LocalProvider",

@@ -48,7 +48,8 @@ def sandbox2() -> Iterator[OpenAISandbox]:
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test sees the developer's keys, policy or ledger."""
     for var in (
-        "OPENAI_API_KEY", "OPENAI_BASE_URL", "STABILITY_API_KEY", "STABILITY_BASE_URL", "REPLICATE_API_TOKEN",
+        "OPENAI_API_KEY", "OPENAI_BASE_URL", "STABILITY_API_KEY", "STABILITY_BASE_URL",
+        "REPLICATE_API_TOKEN", "REPLICATE_BASE_URL",
         "TOGETHER_API_KEY", "TOGETHER_BASE_URL", "BFL_API_KEY", "BFL_BASE_URL",
         "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS", "IMAGEROUTER_MODELS",
     ):

@@ -8,6 +8,7 @@
 from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request, Response, SandboxServer, Upload
 from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.openai import OpenAISandbox
+from providers.sandbox.replicate import ReplicateSandbox
 from providers.sandbox.stability import StabilitySandbox
 from providers.sandbox.together import TogetherSandbox
 
@@ -17,6 +18,7 @@ __all__ = [
     "FaultPlan",
     "OpenAISandbox",
     "RecordedRequest",
+    "ReplicateSandbox",
     "Request",
     "Response",
     "SandboxServer",

@@ -1,0 +1,393 @@
+"""A loopback emulator of Replicate's prediction API for official FLUX models, strict like the real one.
+
+Follows /work/shared/specs/replicate.openapi.json. Routes (header ``Authorization: Bearer``):
+
+- ``POST /v1/models/{owner}/{name}/predictions`` ``{"input": {...}}`` (optional ``Prefer:
+  wait=N``) → 201 prediction object. With ``Prefer: wait`` and ``wait_completes`` the
+  prediction answers ``succeeded``; otherwise ``starting`` and it runs through
+  ``processing`` for ``pending_polls`` polls.
+- ``POST /v1/predictions`` ``{"version", "input"}``: version-pinned models (:data:`VERSIONS`).
+- ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``.
+- ``GET /delivery/{id}/out-{i}.{ext}``: the output files, served for ``output_ttl_s`` seconds.
+
+Errors are RFC 7807 problem details ``{type, title, status, detail}``
+(``application/problem+json``); invalid input is 422. Model failures come back as
+``status: failed`` with ``error`` text (HTTP 200 on polls).
+
+Faults (``sb.faults``), besides the shared ones: ``moderation`` (the prediction fails
+with an NSFW error), ``Fault("model_error")`` (it fails with a generic error),
+``Fault("expired_output")`` (its output URLs are already expired), ``Fault("slow")``
+(the prediction stays ``processing`` forever). ``insufficient_credits`` is the 402.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from PIL import Image
+
+from providers.sandbox._server import Fault, Request, Response, SandboxServer, synthetic_image
+from router.images import encode
+
+RATIO_SIZES: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
+    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+NSFW_ERROR = "NSFW content detected. Try running it again, or try a different prompt."
+MODEL_ERROR = "Prediction failed for an unknown reason. It might have run out of memory?"
+
+
+class ApiError(Exception):
+    """An RFC 7807 problem-details answer."""
+
+    def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
+
+    def response(self) -> Response:
+        body = {"type": "https://replicate.com/docs/errors", "title": self.title, "status": self.status,
+                "detail": self.detail}
+        return Response(self.status, json.dumps(body).encode(),
+                        {"content-type": "application/problem+json", **self.headers})
+
+
+def _invalid(name: str, msg: str) -> ApiError:
+    return ApiError(422, "Input validation failed", f"- input.{name}: {msg}")
+
+
+_Check = Callable[[str, Any], Any]
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _invalid(name, "Invalid type. Expected: string")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _invalid(name, "Invalid type. Expected: boolean")
+    return value
+
+
+def _int(low: int, high: int) -> _Check:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _invalid(name, "Invalid type. Expected: integer")
+        if not low <= value <= high:
+            raise _invalid(name, f"Must be between {low} and {high}")
+        return value
+    return check
+
+
+def _num(low: float, high: float) -> _Check:
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _invalid(name, "Invalid type. Expected: number")
+        if not low <= value <= high:
+            raise _invalid(name, f"Must be between {low} and {high}")
+        return float(value)
+    return check
+
+
+def _enum(*allowed: str) -> _Check:
+    def check(name: str, value: Any) -> str:
+        if value not in allowed:
+            raise _invalid(name, f"{name} must be one of the following: " + ", ".join(f'"{a}"' for a in allowed))
+        return str(value)
+    return check
+
+
+def _image(name: str, value: Any) -> Image.Image:
+    text = _str(name, value)
+    head, sep, data = text.partition(";base64,")
+    try:
+        if not (sep and head.startswith("data:")):
+            raise ValueError
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as img:
+            img.load()
+            return img.copy()
+    except (binascii.Error, ValueError, OSError):
+        raise _invalid(name, "Does not match format 'uri'") from None
+
+
+_COMMON: dict[str, _Check] = {
+    "prompt": _str, "aspect_ratio": _enum(*RATIO_SIZES), "seed": _int(0, 2**32 - 1),
+    "output_format": _enum("webp", "jpg", "png"), "output_quality": _int(0, 100),
+}
+_FLUX: dict[str, _Check] = {
+    **_COMMON, "num_outputs": _int(1, 4), "go_fast": _bool, "megapixels": _enum("1", "0.25"),
+    "disable_safety_checker": _bool,
+}
+MODEL_FIELDS: dict[str, dict[str, _Check]] = {
+    "black-forest-labs/flux-schnell": {**_FLUX, "num_inference_steps": _int(1, 4)},
+    "black-forest-labs/flux-dev": {**_FLUX, "num_inference_steps": _int(1, 50), "guidance": _num(0, 10),
+                                   "image": _image, "prompt_strength": _num(0, 1)},
+    "black-forest-labs/flux-1.1-pro": {**_COMMON, "safety_tolerance": _int(1, 6), "prompt_upsampling": _bool,
+                                       "width": _int(256, 1440), "height": _int(256, 1440)},
+}
+
+SDXL_VERSION = "39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b"
+
+
+def _side(name: str, value: Any) -> int:
+    side: int = _int(128, 1024)(name, value)
+    if side % 8:
+        raise _invalid(name, "Must be a multiple of 8")
+    return side
+
+
+# Version-pinned community models: version id → (model, input fields).
+VERSIONS: dict[str, tuple[str, dict[str, _Check]]] = {
+    SDXL_VERSION: ("stability-ai/sdxl", {
+        "prompt": _str, "negative_prompt": _str, "width": _side, "height": _side, "num_outputs": _int(1, 4),
+        "seed": _int(0, 2**32 - 1), "num_inference_steps": _int(1, 500), "guidance_scale": _num(1, 50)}),
+}
+
+
+@dataclass
+class _Prediction:
+    id: str
+    model: str
+    input: dict[str, Any]
+    outputs: list[bytes]
+    ext: str
+    seed: int
+    version: str = "hidden"
+    status: str = "starting"
+    error: str | None = None
+    outcome: str = "succeeded"
+    polls: int = 0
+    expired: bool = False
+    stuck: bool = False
+    created: float = field(default_factory=time.time)
+    completed: float | None = None
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+class ReplicateSandbox(SandboxServer):
+    """Replicate's API on loopback: ``with ReplicateSandbox() as sb: ... sb.base_url``.
+
+    ``wait_completes``: whether ``Prefer: wait`` answers the finished prediction;
+    ``pending_polls``: polls answering ``processing`` before the end; ``output_ttl_s``:
+    how long output URLs serve; ``predict_time``: the ``metrics.predict_time`` reported.
+    """
+
+    base_path = ""
+    fault_kinds = frozenset({"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits",
+                             "invalid_request", "auth", "model_error", "expired_output", "slow"})
+
+    def __init__(self, api_token: str = "r8_sandbox", *, wait_completes: bool = True, pending_polls: int = 1,
+                 output_ttl_s: float = 3600.0, predict_time: float = 1.25) -> None:
+        super().__init__()
+        self.api_token = api_token
+        self.wait_completes = wait_completes
+        self.pending_polls = pending_polls
+        self.output_ttl_s = output_ttl_s
+        self.predict_time = predict_time
+        self.predictions: dict[str, _Prediction] = {}
+        self.next_ids: list[str] = []
+        """Ids the next predictions take, in order (tests aim faults at their paths); random once empty."""
+        self._plock = threading.Lock()
+
+    # --- hooks
+
+    def authenticate(self, request: Request) -> Response | None:
+        if request.path.startswith("/delivery/"):
+            return None
+        auth = request.headers.get("authorization", "")
+        if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_token}".encode()):
+            return ApiError(401, "Unauthenticated", "You did not pass a valid authentication token").response()
+        return None
+
+    def decorate(self, request: Request, response: Response, elapsed_s: float) -> None:
+        response.headers.setdefault("content-type", "application/json")
+
+    def render_internal_error(self, request: Request, exc: BaseException) -> Response:
+        return ApiError(500, "Internal Server Error", "An unexpected error occurred").response()
+
+    def render_fault(self, fault: Fault, request: Request) -> Response:
+        if fault.kind == "rate_limit":
+            headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
+            return ApiError(429, "Request was throttled.",
+                            "Request was throttled. Expected available in 1 second.", headers).response()
+        if fault.kind == "server_error":
+            status = fault.status or 500
+            return ApiError(status, "Internal Server Error", "An unexpected error occurred").response()
+        if fault.kind == "malformed":
+            body = fault.body if fault.body is not None else b'{"id": "q8w", "status": "succ'
+            return Response(201, body, {"content-type": "application/json"})
+        if fault.kind == "insufficient_credits":
+            return ApiError(402, "Insufficient credit", "You have insufficient credit to run this model. "
+                            "Go to https://replicate.com/account/billing#billing to purchase credit.").response()
+        if fault.kind == "invalid_request":
+            return _invalid(fault.param or "prompt", fault.message or "Invalid input").response()
+        if fault.kind == "auth":
+            return ApiError(401, "Unauthenticated", "You did not pass a valid authentication token").response()
+        if fault.kind in ("moderation", "model_error", "expired_output", "slow"):
+            pred = self._pending_create(request)
+            if fault.kind == "moderation":
+                pred.outcome, pred.error = "failed", fault.message or NSFW_ERROR
+            elif fault.kind == "model_error":
+                pred.outcome, pred.error = "failed", fault.message or MODEL_ERROR
+            elif fault.kind == "expired_output":
+                pred.expired = True
+            else:
+                pred.stuck = True
+            return self._answer_create(request, pred)
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def handle(self, request: Request) -> Response:
+        try:
+            return self._route(request)
+        except ApiError as err:
+            return err.response()
+
+    # --- routes
+
+    def _route(self, request: Request) -> Response:
+        parts = request.path.strip("/").split("/")
+        if request.method == "POST" and (parts == ["v1", "predictions"] or (
+                len(parts) == 5 and parts[:2] == ["v1", "models"] and parts[4] == "predictions")):
+            return self._answer_create(request, self._pending_create(request))
+        if request.method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "predictions"]:
+            return Response.json(200, self._view(self._get(parts[2]), poll=True))
+        if request.method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "predictions"] \
+                and parts[3] == "cancel":
+            pred = self._get(parts[2])
+            with self._plock:
+                if pred.status not in ("succeeded", "failed", "canceled"):
+                    pred.status, pred.completed = "canceled", time.time()
+            return Response.json(200, self._view(pred))
+        if request.method == "GET" and parts[0] == "delivery" and len(parts) == 3:
+            return self._file(parts[1], parts[2])
+        raise ApiError(404, "Not found", "The requested resource could not be found.")
+
+    def _get(self, pid: str) -> _Prediction:
+        with self._plock:
+            pred = self.predictions.get(pid)
+        if pred is None:
+            raise ApiError(404, "Not found", "The requested resource could not be found.")
+        return pred
+
+    def _pending_create(self, request: Request) -> _Prediction:
+        parts = request.path.strip("/").split("/")
+        if request.media_type != "application/json" or not isinstance(request.json, dict):
+            raise ApiError(400, "Invalid request body", "The request body must be a JSON object.")
+        body = request.json
+        pinned = parts == ["v1", "predictions"]
+        allowed = {"input", "webhook", "webhook_events_filter", "stream"} | ({"version"} if pinned else set())
+        for name in body:
+            if name not in allowed:
+                raise ApiError(422, "Invalid request body", f"Additional property {name} is not allowed")
+        if pinned:
+            if body.get("version") not in VERSIONS:
+                raise ApiError(422, "Invalid version or not permitted",
+                               "The specified version does not exist (or perhaps you don't have permission "
+                               "to use it?)")
+            ref, checks = VERSIONS[body["version"]]
+        else:
+            ref = f"{parts[2]}/{parts[3]}"
+            if ref not in MODEL_FIELDS:
+                raise ApiError(404, "Not found", "The requested resource could not be found.")
+            checks = MODEL_FIELDS[ref]
+        inp = body.get("input")
+        if not isinstance(inp, dict):
+            raise ApiError(422, "Input validation failed", "- input: Invalid type. Expected: object")
+        for name in inp:
+            if name not in checks:
+                raise _invalid(name, "Additional property is not allowed")
+        if not isinstance(inp.get("prompt"), str) or not inp["prompt"].strip():
+            raise _invalid("prompt", "prompt is required")
+        values = {name: checks[name](name, value) for name, value in inp.items()}
+        seed = values.get("seed", secrets.randbelow(2**32))
+        size = (values.get("width", 1024), values.get("height", 1024)) if pinned \
+            else RATIO_SIZES[values.get("aspect_ratio", "1:1")]
+        fmt = values.get("output_format", "png" if pinned else "webp")
+        ext = fmt
+        pil_fmt = {"jpg": "jpeg", "png": "png", "webp": "webp"}[ext]
+        outputs = []
+        for i in range(values.get("num_outputs", 1)):
+            art = synthetic_image(values["prompt"], seed + i, size)
+            if "image" in values:
+                art = Image.blend(values["image"].convert("RGB").resize(size), art,
+                                  float(values.get("prompt_strength", 0.8)))
+            outputs.append(encode(art, pil_fmt))
+        pid = self.next_ids.pop(0) if self.next_ids else secrets.token_hex(10)
+        pred = _Prediction(pid, ref, inp, outputs, ext, seed, version=body["version"] if pinned else "hidden")
+        with self._plock:
+            self.predictions[pred.id] = pred
+        return pred
+
+    def _answer_create(self, request: Request, pred: _Prediction) -> Response:
+        if request.headers.get("prefer", "").startswith("wait") and self.wait_completes and not pred.stuck:
+            self._finish(pred)
+        headers = {"location": f"{self.origin}/v1/predictions/{pred.id}"}
+        view = self._view(pred)
+        return Response.json(201 if view["status"] != "starting" else 202, view, headers)
+
+    def _finish(self, pred: _Prediction) -> None:
+        with self._plock:
+            if pred.status in ("starting", "processing"):
+                pred.status, pred.completed = pred.outcome, time.time()
+
+    def _view(self, pred: _Prediction, *, poll: bool = False) -> dict[str, Any]:
+        if poll and pred.status in ("starting", "processing") and not pred.stuck:
+            with self._plock:
+                pred.polls += 1
+                pred.status = "processing"
+            if pred.polls > self.pending_polls:
+                self._finish(pred)
+        done = pred.status == "succeeded"
+        urls = [f"{self.origin}/delivery/{pred.id}/out-{i}.{pred.ext}" for i in range(len(pred.outputs))]
+        view: dict[str, Any] = {
+            "id": pred.id, "model": pred.model, "version": pred.version, "input": pred.input,
+            "logs": f"Using seed: {pred.seed}\n" if pred.status != "starting" else "",
+            "output": urls if done else None, "data_removed": False,
+            "error": pred.error if pred.status == "failed" else None, "status": pred.status,
+            "source": "api", "created_at": _iso(pred.created),
+            "urls": {"get": f"{self.origin}/v1/predictions/{pred.id}",
+                     "cancel": f"{self.origin}/v1/predictions/{pred.id}/cancel",
+                     "web": f"{self.origin}/p/{pred.id}"},
+            "metrics": {},
+        }
+        if pred.status != "starting":
+            view["started_at"] = _iso(pred.created)
+        if pred.completed is not None:
+            view["completed_at"] = _iso(pred.completed)
+            if pred.status == "succeeded":
+                view["metrics"] = {"predict_time": self.predict_time, "total_time": self.predict_time + 0.1,
+                                   "image_count": len(pred.outputs)}
+        return view
+
+    def _file(self, pid: str, name: str) -> Response:
+        with self._plock:
+            pred = self.predictions.get(pid)
+        stem, _, ext = name.partition(".")
+        if pred is None or pred.status != "succeeded" or not stem.startswith("out-") \
+                or not stem[4:].isdigit() or int(stem[4:]) >= len(pred.outputs):
+            return Response(404, b"Not Found", {"content-type": "text/plain"})
+        if pred.expired or time.time() > (pred.completed or pred.created) + self.output_ttl_s:
+            return Response(404, b"Not Found: the output has expired", {"content-type": "text/plain"})
+        mime = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[ext]
+        return Response(200, pred.outputs[int(stem[4:])], {"content-type": mime})
+
+    # --- helpers for tests
+
+    def prediction(self, pid: str) -> _Prediction:
+        return self._get(pid)
