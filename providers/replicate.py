@@ -40,8 +40,8 @@ from router.errors import (
     redact,
 )
 from router.fetch import SafeFetcher
-from router.geometry import SizeRules
-from router.images import ImageDecodeError, image_size, load_bytes, sniff_mime
+from router.geometry import SizePlan, SizeRules
+from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -74,6 +74,18 @@ class CatalogEntry:
     version: str | None = None  # a pinned version: POST /v1/predictions, billed predict_time × hardware $/s
     hardware: str = ""  # the price-table row of the hardware it runs on
     expected_predict_s: float = 0.0
+    shape_from_input: bool = False  # inpaint / control models: the output takes the input image's shape
+
+
+_INPUT_SHAPE = SizeRules(multiple=1, min_side=64, max_side=4096, max_pixels=4096 * 4096, max_ratio=8.0)
+_PRO_OPTIONS = frozenset({"safety_tolerance", "prompt_upsampling"})
+
+
+def _control_model(ref: str, kind: str) -> CatalogEntry:
+    caps = Capabilities(tasks=frozenset({"control"}), sizes=_INPUT_SHAPE, control_kinds=frozenset({kind}),
+                        max_controls=1, max_n=4, seed=True, steps=True, guidance=True, quality=0.8,
+                        output_formats=frozenset({"png", "jpeg"}))
+    return CatalogEntry(ref, caps, steps_max=50, num_outputs=False, options=_PRO_OPTIONS, shape_from_input=True)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -92,6 +104,18 @@ CATALOG: dict[str, CatalogEntry] = {
         Capabilities(tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=4, seed=True, quality=0.85,
                      output_formats=_FORMATS),
         num_outputs=False, options=frozenset({"output_quality", "safety_tolerance", "prompt_upsampling"})),
+    "flux-dev-lora": CatalogEntry(
+        "black-forest-labs/flux-dev-lora",
+        Capabilities(tasks=frozenset({"txt2img", "img2img"}), sizes=_SIZES, max_n=4, max_loras=1, seed=True,
+                     steps=True, guidance=True, strength=True, quality=0.75, output_formats=_FORMATS),
+        steps_max=50, options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"})),
+    "flux-fill-pro": CatalogEntry(
+        "black-forest-labs/flux-fill-pro",
+        Capabilities(tasks=frozenset({"inpaint"}), sizes=_INPUT_SHAPE, max_n=4, seed=True, steps=True,
+                     guidance=True, quality=0.85, output_formats=frozenset({"png", "jpeg"})),
+        steps_max=50, num_outputs=False, options=_PRO_OPTIONS, shape_from_input=True),
+    "flux-canny-pro": _control_model("black-forest-labs/flux-canny-pro", "canny"),
+    "flux-depth-pro": _control_model("black-forest-labs/flux-depth-pro", "depth"),
     "sdxl": CatalogEntry(
         "stability-ai/sdxl",
         Capabilities(tasks=frozenset({"txt2img"}), sizes=SizeRules(multiple=8, min_side=128, max_side=1024,
@@ -172,7 +196,20 @@ class ReplicateProvider(Provider):
                 warnings.append(f"provider_options.{self.name}.{option} ignored: {model} does not take it")
         if request.idempotency_key is not None:
             warnings.append("idempotency_key not sent: Replicate predictions have no idempotency keys")
-        return Plan(base.size, tuple(warnings))
+        size = base.size
+        if entry.shape_from_input:
+            source = request.controls[0].image if request.controls else request.init_image
+            warnings = [w for w in warnings if not w.startswith(("size ", "aspect ratio "))]
+            if source is not None and source.width and source.height:
+                if request.width is not None and (request.width, request.height) != (source.width, source.height):
+                    warnings.append(f"size {request.width}x{request.height} adapted to {source.width}x"
+                                    f"{source.height}: {model} keeps the input image's shape")
+                size = SizePlan(source.width, source.height, exact=request.width is None
+                                or (request.width, request.height) == (source.width, source.height))
+        for control in request.controls:
+            if control.scale != 1.0 or control.start != 0.0 or control.end != 1.0:
+                warnings.append(f"control scale/start/end ignored: {model} applies its {control.kind} map fully")
+        return Plan(size, tuple(warnings))
 
     # --- cost --------------------------------------------------------------------
 
@@ -248,6 +285,8 @@ class ReplicateProvider(Provider):
             inp |= {"width": plan.size.width, "height": plan.size.height}
             if request.negative_prompt:
                 inp["negative_prompt"] = request.negative_prompt
+        elif entry.shape_from_input:
+            inp["output_format"] = "jpg" if request.output_format == "jpeg" else "png"
         else:
             inp |= {"aspect_ratio": _BY_SIZE[(plan.size.width, plan.size.height)],
                     "output_format": _FORMAT_SENT.get(request.output_format, "png")}
@@ -256,12 +295,22 @@ class ReplicateProvider(Provider):
         if request.seed is not None:
             inp["seed"] = request.seed
         if request.steps is not None and entry.caps.steps:
-            inp["num_inference_steps"] = max(1, min(request.steps, entry.steps_max))
+            inp["steps" if entry.shape_from_input else "num_inference_steps"] = max(1, min(request.steps,
+                                                                                          entry.steps_max))
         if request.guidance_scale is not None and entry.caps.guidance:
             inp["guidance_scale" if entry.version else "guidance"] = request.guidance_scale
+        if request.loras and entry.caps.max_loras:
+            inp |= {"lora_weights": request.loras[0].ref, "lora_scale": request.loras[0].weight}
+        if request.controls and entry.caps.control_kinds:
+            inp["control_image"] = _data_url(await load_bytes(request.controls[0].image, fetcher=self._fetcher))
+        if request.mask_image is not None and request.init_image is not None and "inpaint" in entry.caps.tasks:
+            image = await load_bytes(request.init_image, fetcher=self._fetcher)
+            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image, fetcher=self._fetcher),
+                                                what="mask_image"), image_size(image))
+            inp |= {"image": _data_url(image), "mask": _data_url(encode(mask, "png"))}
         if request.init_image is not None and "img2img" in entry.caps.tasks:
             data = await load_bytes(request.init_image, fetcher=self._fetcher)
-            inp["image"] = f"data:{sniff_mime(data) or 'image/png'};base64,{base64.b64encode(data).decode()}"
+            inp["image"] = _data_url(data)
             if request.strength is not None:
                 inp["prompt_strength"] = request.strength
         return inp
@@ -362,3 +411,7 @@ def _status_error(exc: Any, retry_after: float | None, provider: str, pid: str |
     if status in (400, 404, 413, 422):
         return InvalidRequestError(text, **kw)
     return ProviderUnavailable(text, **kw)
+
+
+def _data_url(data: bytes) -> str:
+    return f"data:{sniff_mime(data) or 'image/png'};base64,{base64.b64encode(data).decode()}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import json
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -154,6 +155,49 @@ async def test_flux_dev_img2img_sends_image_and_prompt_strength(rep: ReplicateSa
     assert inp["image"] == "data:image/png;base64," + base64.b64encode(init).decode()
     assert (inp["prompt_strength"], inp["guidance"]) == (0.6, 3.5)
     assert result.cost.actual_usd == Decimal("0.025")
+
+
+async def test_lora_request_goes_to_the_lora_model_with_weights_and_scale(rep: ReplicateSandbox) -> None:
+    async with make_router(provider(rep)) as router:
+        result = await router.agenerate("a portrait", loras=[{"ref": "https://example.com/style.safetensors",
+                                                              "weight": 0.7}], seed=3)
+    assert result.model == "flux-dev-lora"
+    inp = rep.requests[0].json["input"]  # type: ignore[index]
+    assert (inp["lora_weights"], inp["lora_scale"]) == ("https://example.com/style.safetensors", 0.7)
+    assert result.cost.actual_usd == Decimal("0.032")
+    rejected = {r.model: r.reason for r in result.decision.rejections}
+    assert "takes no LoRA" in rejected["flux-schnell"]
+
+
+async def test_inpaint_sends_a_white_repaint_mask_and_keeps_the_rest(rep: ReplicateSandbox) -> None:
+    from PIL import Image
+
+    init = png(256, 128, (10, 200, 10))
+    alpha_mask = Image.new("RGBA", (256, 128), (0, 0, 0, 255))
+    alpha_mask.paste((0, 0, 0, 0), (0, 0, 128, 128))  # OpenAI-style: transparent = repaint (left half)
+    buf = io.BytesIO()
+    alpha_mask.save(buf, format="PNG")
+    async with make_router(provider(rep)) as router:
+        result = await router.agenerate("a red door", init_image=init, mask_image=buf.getvalue(), steps=20)
+    assert result.model == "flux-fill-pro" and result.cost.actual_usd == Decimal("0.05")
+    inp = rep.requests[0].json["input"]  # type: ignore[index]
+    sent = Image.open(io.BytesIO(base64.b64decode(inp["mask"].split(",", 1)[1]))).convert("L")
+    assert sent.getpixel((10, 64)) == 255 and sent.getpixel((250, 64)) == 0  # converted to white = repaint
+    assert inp["steps"] == 20 and "aspect_ratio" not in inp
+    out = result.images[0].to_pil().convert("RGB")
+    assert out.size == (256, 128) and out.getpixel((250, 64)) == (10, 200, 10)
+
+
+async def test_control_request_goes_to_the_controlnet_model_for_its_kind(rep: ReplicateSandbox) -> None:
+    edges = png(192, 128, (255, 255, 255))
+    async with make_router(provider(rep)) as router:
+        result = await router.agenerate("a house", controls=[{"kind": "depth", "image": edges, "scale": 0.5}])
+        no_pose = router.route(ImageRequest(prompt="x", controls=[{"kind": "pose", "image": edges}])).explain()
+    assert result.model == "flux-depth-pro" and result.images[0].width == 192
+    inp = rep.requests[0].json["input"]  # type: ignore[index]
+    assert inp["control_image"].startswith("data:image/png;base64,")
+    assert any("control scale/start/end ignored" in w for w in result.warnings)
+    assert "no ControlNet for pose" in no_pose and "does not do control" in no_pose
 
 
 async def test_unsupported_requests_are_rejected_at_routing(rep: ReplicateSandbox) -> None:

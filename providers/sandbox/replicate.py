@@ -131,10 +131,21 @@ _FLUX: dict[str, _Check] = {
     **_COMMON, "num_outputs": _int(1, 4), "go_fast": _bool, "megapixels": _enum("1", "0.25"),
     "disable_safety_checker": _bool,
 }
+# Inpaint and control models: no aspect_ratio or num_outputs; the output takes the input image's shape.
+_INPUT_SHAPED: dict[str, _Check] = {
+    "prompt": _str, "seed": _int(0, 2**32 - 1), "steps": _int(15, 50), "guidance": _num(1.5, 100),
+    "output_format": _enum("jpg", "png"), "safety_tolerance": _int(1, 6), "prompt_upsampling": _bool,
+}
 MODEL_FIELDS: dict[str, dict[str, _Check]] = {
     "black-forest-labs/flux-schnell": {**_FLUX, "num_inference_steps": _int(1, 4)},
     "black-forest-labs/flux-dev": {**_FLUX, "num_inference_steps": _int(1, 50), "guidance": _num(0, 10),
                                    "image": _image, "prompt_strength": _num(0, 1)},
+    "black-forest-labs/flux-dev-lora": {**_FLUX, "num_inference_steps": _int(1, 50), "guidance": _num(0, 10),
+                                        "image": _image, "prompt_strength": _num(0, 1), "lora_weights": _str,
+                                        "lora_scale": _num(-1, 3)},
+    "black-forest-labs/flux-fill-pro": {**_INPUT_SHAPED, "image": _image, "mask": _image},
+    "black-forest-labs/flux-canny-pro": {**_INPUT_SHAPED, "control_image": _image},
+    "black-forest-labs/flux-depth-pro": {**_INPUT_SHAPED, "control_image": _image},
     "black-forest-labs/flux-1.1-pro": {**_COMMON, "safety_tolerance": _int(1, 6), "prompt_upsampling": _bool,
                                        "width": _int(256, 1440), "height": _int(256, 1440)},
 }
@@ -316,15 +327,25 @@ class ReplicateSandbox(SandboxServer):
             raise _invalid("prompt", "prompt is required")
         values = {name: checks[name](name, value) for name, value in inp.items()}
         seed = values.get("seed", secrets.randbelow(2**32))
-        size = (values.get("width", 1024), values.get("height", 1024)) if pinned \
-            else RATIO_SIZES[values.get("aspect_ratio", "1:1")]
+        source = values.get("control_image") or (values.get("image") if "mask" in values else None)
+        if source is not None:
+            size = source.size
+        elif pinned:
+            size = (values.get("width", 1024), values.get("height", 1024))
+        else:
+            size = RATIO_SIZES[values.get("aspect_ratio", "1:1")]
+        if "mask" in values and values["mask"].size != values["image"].size:
+            raise _invalid("mask", "mask must be the same size as image")
         fmt = values.get("output_format", "png" if pinned else "webp")
         ext = fmt
         pil_fmt = {"jpg": "jpeg", "png": "png", "webp": "webp"}[ext]
         outputs = []
         for i in range(values.get("num_outputs", 1)):
             art = synthetic_image(values["prompt"], seed + i, size)
-            if "image" in values:
+            if "mask" in values:  # white = repaint, black = keep
+                keep = values["mask"].convert("L").point(lambda v: 255 if v < 128 else 0)
+                art = Image.composite(values["image"].convert("RGB"), art, keep)
+            elif "image" in values:
                 art = Image.blend(values["image"].convert("RGB").resize(size), art,
                                   float(values.get("prompt_strength", 0.8)))
             outputs.append(encode(art, pil_fmt))
