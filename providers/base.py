@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from router.errors import InvalidRequestError
 from router.geometry import SizePlan, SizeRules, plan_size
-from router.prices import PriceTable, default_prices
+from router.prices import PriceRow, PriceTable, default_prices
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
@@ -145,6 +146,13 @@ class Provider(ABC):
     @abstractmethod
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
         """Call the backend once; raise the SDK's error classes on failure."""
+
+    def price_row(self, model: str) -> PriceRow:
+        """This provider's price-table row for ``model``; a missing row is a clear error, not a zero cost."""
+        row = self.prices.get(self.kind, model)
+        if row is None:
+            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
+        return row
 
     def supports_model(self, model: str) -> bool:
         """Whether a request may pin ``model`` on this provider."""

@@ -37,7 +37,7 @@ from router.errors import (
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules, parse_ratio
 from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
-from router.prices import PriceRow, PriceTable
+from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -174,20 +174,14 @@ class BFLProvider(Provider):
 
     # --- cost --------------------------------------------------------------------
 
-    def _price(self, model: str) -> PriceRow:
-        row = self.prices.get(self.kind, model)
-        if row is None:
-            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
-        return row
-
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
-        row = self._price(model)
+        row = self.price_row(model)
         credits = row.rate("credits_per_image") * request.n
         return Estimate(credits * row.rate("usd_per_credit"), float(row.rates.get("latency_s", 10.0)), "credits",
                         credits)
 
     def _billing(self, model: str, task_ids: list[str]) -> Billing:
-        row = self._price(model)
+        row = self.price_row(model)
         credits = row.rate("credits_per_image") * len(task_ids)
         return Billing(credits * row.rate("usd_per_credit"), "credits", credits, self.prices.version,
                        {"credits": str(credits), "tasks": task_ids})

@@ -135,14 +135,8 @@ class OpenAIProvider(Provider):
 
     # --- cost --------------------------------------------------------------------
 
-    def _price(self, model: str) -> PriceRow:
-        row = self.prices.get(self.kind, model)
-        if row is None:
-            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
-        return row
-
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
-        row = self._price(model)
+        row = self.price_row(model)
         size = self.plan(request, model).size
         quality = str(request.provider_options.get(self.name, {}).get("quality", "auto"))
         per_mp = row.rates["output_tokens_1mp"]
@@ -239,7 +233,7 @@ class OpenAIProvider(Provider):
         return ProviderResponse(images, model, self._billing(body, model), request_id)
 
     def _billing(self, body: Any, model: str) -> Billing:
-        row = self._price(model)
+        row = self.price_row(model)
         usage = getattr(body, "usage", None)
         if usage is None:
             raise MalformedResponse("response has no usage: cannot settle the cost", provider=self.name)

@@ -42,7 +42,7 @@ from router.errors import (
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules
 from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
-from router.prices import PriceRow, PriceTable
+from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -213,19 +213,13 @@ class ReplicateProvider(Provider):
 
     # --- cost --------------------------------------------------------------------
 
-    def _price(self, model: str) -> PriceRow:
-        row = self.prices.get(self.kind, model)
-        if row is None:
-            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
-        return row
-
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
         entry = CATALOG[model]
         if entry.version is not None:
             seconds = Decimal(str(entry.expected_predict_s))
-            return Estimate(self._price(entry.hardware).rate("usd_per_second") * seconds,
+            return Estimate(self.price_row(entry.hardware).rate("usd_per_second") * seconds,
                             entry.expected_predict_s + 1.0, "seconds", seconds)
-        row = self._price(model)
+        row = self.price_row(model)
         n = Decimal(request.n)
         return Estimate(row.rate("usd_per_output") * n, float(row.rates.get("latency_s", 5.0)), "outputs", n)
 
@@ -238,10 +232,10 @@ class ReplicateProvider(Provider):
                 raise MalformedResponse("succeeded prediction without metrics.predict_time", provider=self.name,
                                         request_id=ids[0])
             seconds = sum((Decimal(str(t)) for t in times), Decimal(0))
-            row = self._price(entry.hardware)
+            row = self.price_row(entry.hardware)
             return Billing(row.rate("usd_per_second") * seconds, "seconds", seconds, self.prices.version,
                            details | {"hardware": entry.hardware})
-        row = self._price(model)
+        row = self.price_row(model)
         count = Decimal(outputs)
         return Billing(row.rate("usd_per_output") * count, "outputs", count, self.prices.version, details)
 

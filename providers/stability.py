@@ -34,7 +34,7 @@ from router.errors import (
 )
 from router.geometry import SizePlan, SizeRules
 from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint
-from router.prices import PriceRow, PriceTable
+from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -198,21 +198,15 @@ class StabilityProvider(Provider):
 
     # --- cost --------------------------------------------------------------------
 
-    def _price(self, model: str) -> PriceRow:
-        row = self.prices.get(self.kind, model)
-        if row is None:
-            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
-        return row
-
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
-        row = self._price(model)
+        row = self.price_row(model)
         n = 1 if model in UPSCALE_MODELS else request.n
         credits = row.rate("credits") * n
         return Estimate(credits * row.rate("usd_per_credit"), float(row.rates.get("latency_s", 8.0)), "credits",
                         credits)
 
     def _billing(self, model: str, images: int) -> Billing:
-        row = self._price(model)
+        row = self.price_row(model)
         credits = row.rate("credits") * images
         return Billing(
             cost_usd=credits * row.rate("usd_per_credit"),

@@ -34,7 +34,7 @@ from router.errors import (
 )
 from router.geometry import SizeRules, plan_size
 from router.images import ImageDecodeError, image_size, sniff_mime
-from router.prices import PriceRow, PriceTable
+from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -142,15 +142,9 @@ class TogetherProvider(Provider):
 
     # --- cost --------------------------------------------------------------------
 
-    def _price(self, model: str) -> PriceRow:
-        row = self.prices.get(self.kind, model)
-        if row is None:
-            raise InvalidRequestError(f"no price for {self.kind}/{model} in the price table", provider=self.name)
-        return row
-
     def _cost(self, model: str, images: int, width: int, height: int, steps: int | None) -> tuple[Decimal, Decimal]:
         """(USD, billed megapixels) for ``images`` of ``width``×``height`` at ``steps``."""
-        row = self._price(model)
+        row = self.price_row(model)
         megapixels = images * Decimal(width * height) / row.rate("mp_pixels")
         cost = megapixels * row.rate("usd_per_mp")
         if "default_steps" in row.rates and steps is not None:
@@ -163,13 +157,13 @@ class TogetherProvider(Provider):
             return None
         if request.steps is not None:
             return min(request.steps, MAX_STEPS.get(model, 50))
-        row = self._price(model)
+        row = self.price_row(model)
         return int(row.rates["default_steps"]) if "default_steps" in row.rates else None
 
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
         size = self.plan(request, model).size
         cost, megapixels = self._cost(model, request.n, size.width, size.height, self._steps(request, model))
-        latency = float(self._price(model).rates.get("latency_s", 6.0)) * max(1.0, float(megapixels) / request.n)
+        latency = float(self.price_row(model).rates.get("latency_s", 6.0)) * max(1.0, float(megapixels) / request.n)
         return Estimate(cost, latency, "megapixel_steps", megapixels)
 
     # --- the call ----------------------------------------------------------------

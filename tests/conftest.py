@@ -19,6 +19,16 @@ def png(width: int = 64, height: int = 64, color: tuple[int, ...] = (200, 30, 30
     return buf.getvalue()
 
 
+class Sleeps:
+    """Stands in for the router's sleep: records each wait instead of sleeping through it."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
 def half_mask(width: int = 64, height: int = 64) -> bytes:
     """White (repaint) on the left half, black (keep) on the right."""
     img = Image.new("L", (width, height), 0)

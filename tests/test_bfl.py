@@ -26,18 +26,10 @@ from router import (
 )
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import half_mask, png
+from tests.conftest import Sleeps, half_mask, png
 
 KEY = "bfl-sandbox-primary-key"
 TXT = "/v1/flux-pro-1.1"
-
-
-class Sleeps:
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 @pytest.fixture

@@ -31,19 +31,11 @@ from router import (
 from router.errors import MalformedResponse, ProviderTimeout, ProviderUnavailable, RateLimited
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import png
+from tests.conftest import Sleeps, png
 
 TOKEN = "r8_sandbox_token_primary"
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
-
-
-class Sleeps:
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 @pytest.fixture

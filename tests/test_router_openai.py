@@ -21,17 +21,7 @@ from router import (
     NoRouteError,
 )
 from router.ledger import Budget, Ledger
-from tests.conftest import half_mask, png
-
-
-class Sleeps:
-    """Records the router's waits instead of sleeping through them."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
+from tests.conftest import Sleeps, half_mask, png
 
 
 def provider(sb: OpenAISandbox, name: str = "openai", **kw: object) -> OpenAIProvider:

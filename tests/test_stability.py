@@ -25,19 +25,9 @@ from router import (
     NoRouteError,
 )
 from router.fetch import SafeFetcher
-from tests.conftest import half_mask, png
+from tests.conftest import Sleeps, half_mask, png
 
 GEN = "/v2beta/stable-image/generate"
-
-
-class Sleeps:
-    """Records the router's waits instead of sleeping through them."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 @pytest.fixture

@@ -33,19 +33,11 @@ from router import (
 )
 from router.errors import MalformedResponse, ProviderTimeout, ProviderUnavailable, RateLimited
 from router.fetch import SafeFetcher
-from tests.conftest import png
+from tests.conftest import Sleeps, png
 
 KEY = "tg-sandbox-test-0123456789"
 GEN = "/v1/images/generations"
 SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
-
-
-class Sleeps:
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
 
 
 @pytest.fixture
