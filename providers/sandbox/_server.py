@@ -290,10 +290,24 @@ def _parse_multipart(request: Request) -> None:
 # --- the server ------------------------------------------------------------------------
 
 
+VENDOR_FAULTS = frozenset(
+    {"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits", "invalid_request", "auth"}
+)
+"""The fault kinds every vendor sandbox renders in its own shape (plus timeout and disconnect, handled here)."""
+
+
+class SandboxError(Exception):
+    """An error answer in the vendor's own shape: raise it from a route, the server sends ``response()``."""
+
+    def response(self) -> Response:
+        raise NotImplementedError
+
+
 class SandboxServer:
     """Base of the vendor sandboxes: a real HTTP/1.1 server on 127.0.0.1 in a background thread.
 
-    Subclasses set ``base_path`` and ``fault_kinds`` and implement :meth:`handle` and
+    Subclasses set ``base_path`` and ``fault_kinds`` (``VENDOR_FAULTS`` and their own) and implement
+    :meth:`handle` (raising a :class:`SandboxError` subclass for error answers) and
     :meth:`render_fault`; they may override :meth:`authenticate` and :meth:`decorate`.
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -445,7 +459,10 @@ class SandboxServer:
                     if self._stopping.wait(fault.seconds or 0.0):
                         return None
                     fault = None
-                response = self.render_fault(fault, request) if fault is not None else self.handle(request)
+                try:
+                    response = self.render_fault(fault, request) if fault is not None else self.handle(request)
+                except SandboxError as err:
+                    response = err.response()
         except Exception as exc:
             log.exception("%s: handler failed for %s %s", type(self).__name__, request.method, request.path)
             response = self.render_internal_error(request, exc)

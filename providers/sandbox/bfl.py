@@ -43,7 +43,15 @@ from typing import Any
 
 from PIL import Image
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer, synthetic_image
+from providers.sandbox._server import (
+    VENDOR_FAULTS,
+    Fault,
+    Request,
+    Response,
+    SandboxError,
+    SandboxServer,
+    synthetic_image,
+)
 from router.images import encode
 
 MAX_PIXELS = 4 * 1024 * 1024
@@ -58,7 +66,7 @@ def ratio_size(ratio: float, area: int) -> tuple[int, int]:
     return max(16, round(math.sqrt(area * ratio) / 16) * 16), max(16, round(math.sqrt(area / ratio) / 16) * 16)
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """A FastAPI-shaped error answer."""
 
     def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
@@ -224,8 +232,7 @@ class BFLSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = frozenset({"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits",
-                             "invalid_request", "auth", "task_error", "task_not_found", "expired_output"})
+    fault_kinds = VENDOR_FAULTS | {"task_error", "task_not_found", "expired_output"}
 
     def __init__(
         self, api_key: str = "bfl-sandbox-key", *, pending_polls: int = 1, sample_ttl_s: float = 600.0
@@ -289,15 +296,9 @@ class BFLSandbox(SandboxServer):
             return response
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
-    def handle(self, request: Request) -> Response:
-        try:
-            return self._route(request)
-        except ApiError as err:
-            return err.response()
-
     # --- routes
 
-    def _route(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
         if request.method == "POST" and request.path.startswith("/v1/"):
             model = request.path.removeprefix("/v1/")
             if model not in MODEL_FIELDS:

@@ -50,7 +50,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer, Upload
+from providers.sandbox._server import VENDOR_FAULTS, Fault, Request, Response, SandboxError, SandboxServer, Upload
 
 DEFAULT_MODEL = "gpt-image-2"
 MODELS = ("gpt-image-2", "gpt-image-2-2026-04-21")
@@ -72,7 +72,7 @@ _INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 _SIZE_RE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """An OpenAI-shaped error answer."""
 
     def __init__(
@@ -410,9 +410,7 @@ class OpenAISandbox(SandboxServer):
     """
 
     base_path = "/v1"
-    fault_kinds = frozenset(
-        {"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits", "invalid_request", "auth"}
-    )
+    fault_kinds = VENDOR_FAULTS
 
     def __init__(self, api_key: str = "sk-sandbox") -> None:
         super().__init__()
@@ -475,15 +473,9 @@ class OpenAISandbox(SandboxServer):
             return _bad_key(self.api_key).response()
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
-    def handle(self, request: Request) -> Response:
-        try:
-            return self._route(request)
-        except ApiError as err:
-            return err.response()
-
     # --- routes
 
-    def _route(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
         route = (request.method, request.path)
         if route == ("POST", "/v1/images/generations"):
             return self._generate(request)

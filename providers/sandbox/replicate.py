@@ -37,7 +37,15 @@ from typing import Any
 
 from PIL import Image
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer, synthetic_image
+from providers.sandbox._server import (
+    VENDOR_FAULTS,
+    Fault,
+    Request,
+    Response,
+    SandboxError,
+    SandboxServer,
+    synthetic_image,
+)
 from router.images import encode
 
 RATIO_SIZES: dict[str, tuple[int, int]] = {
@@ -49,7 +57,7 @@ NSFW_ERROR = "NSFW content detected. Try running it again, or try a different pr
 MODEL_ERROR = "Prediction failed for an unknown reason. It might have run out of memory?"
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """An RFC 7807 problem-details answer."""
 
     def __init__(self, status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -200,8 +208,7 @@ class ReplicateSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = frozenset({"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits",
-                             "invalid_request", "auth", "model_error", "expired_output", "slow"})
+    fault_kinds = VENDOR_FAULTS | {"model_error", "expired_output", "slow"}
 
     def __init__(self, api_token: str = "r8_sandbox", *, wait_completes: bool = True, pending_polls: int = 1,
                  output_ttl_s: float = 3600.0, predict_time: float = 1.25) -> None:
@@ -263,15 +270,9 @@ class ReplicateSandbox(SandboxServer):
             return self._answer_create(request, pred)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
-    def handle(self, request: Request) -> Response:
-        try:
-            return self._route(request)
-        except ApiError as err:
-            return err.response()
-
     # --- routes
 
-    def _route(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
         parts = request.path.strip("/").split("/")
         if request.method == "POST" and (parts == ["v1", "predictions"] or (
                 len(parts) == 5 and parts[:2] == ["v1", "models"] and parts[4] == "predictions")):

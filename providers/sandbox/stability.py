@@ -36,7 +36,16 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer, Upload, synthetic_image
+from providers.sandbox._server import (
+    VENDOR_FAULTS,
+    Fault,
+    Request,
+    Response,
+    SandboxError,
+    SandboxServer,
+    Upload,
+    synthetic_image,
+)
 from router.images import encode
 
 MAX_SEED = 4_294_967_294
@@ -54,7 +63,7 @@ _FORMATS = ("png", "jpeg", "webp")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """A Stability-shaped error answer: ``{id, name, errors}``."""
 
     def __init__(self, status: int, name: str, *errors: str, headers: dict[str, str] | None = None) -> None:
@@ -184,8 +193,7 @@ class StabilitySandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = frozenset({"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits",
-                             "invalid_request", "auth", "content_filtered"})
+    fault_kinds = VENDOR_FAULTS | {"content_filtered"}
     max_body_bytes = MAX_BODY
 
     def __init__(self, api_key: str = "sk-sandbox", *, job_polls: int = 2) -> None:
@@ -236,17 +244,11 @@ class StabilitySandbox(SandboxServer):
         if fault.kind == "auth":
             return ApiError(401, "unauthorized", "authorization: invalid API key").response()
         if fault.kind == "content_filtered":
-            return self._handle(request, filtered=True)
+            return self._route(request, filtered=True)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     def handle(self, request: Request) -> Response:
-        return self._handle(request, filtered=False)
-
-    def _handle(self, request: Request, *, filtered: bool) -> Response:
-        try:
-            return self._route(request, filtered)
-        except ApiError as err:
-            return err.response()
+        return self._route(request, filtered=False)
 
     def _route(self, request: Request, filtered: bool) -> Response:
         accept = request.headers.get("accept", "image/*")

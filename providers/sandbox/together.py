@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from providers.sandbox._server import Fault, Request, Response, SandboxServer
+from providers.sandbox._server import VENDOR_FAULTS, Fault, Request, Response, SandboxError, SandboxServer
 
 DEFAULT_STEPS = {
     "black-forest-labs/FLUX.1-schnell": 4,
@@ -56,7 +56,7 @@ _FIELDS = {
 }
 
 
-class ApiError(Exception):
+class ApiError(SandboxError):
     """A Together-shaped error answer."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -162,9 +162,7 @@ class TogetherSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = frozenset(
-        {"rate_limit", "server_error", "moderation", "malformed", "insufficient_credits", "invalid_request", "auth"}
-    )
+    fault_kinds = VENDOR_FAULTS
 
     def __init__(self, api_key: str = "tg-sandbox-key") -> None:
         super().__init__()
@@ -227,14 +225,11 @@ class TogetherSandbox(SandboxServer):
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     def handle(self, request: Request) -> Response:
-        try:
-            if (request.method, request.path) == ("POST", "/v1/images/generations"):
-                return self._generate(request)
-            if request.method == "GET" and request.path.startswith("/outputs/"):
-                return self._output(request.path.removeprefix("/outputs/"))
-            raise ApiError(404, f"Not found: {request.method} {request.path}", code="not_found")
-        except ApiError as err:
-            return err.response()
+        if (request.method, request.path) == ("POST", "/v1/images/generations"):
+            return self._generate(request)
+        if request.method == "GET" and request.path.startswith("/outputs/"):
+            return self._output(request.path.removeprefix("/outputs/"))
+        raise ApiError(404, f"Not found: {request.method} {request.path}", code="not_found")
 
     # --- routes
 
