@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -164,10 +165,9 @@ def _providers(ns: argparse.Namespace) -> int:
 
 
 def _ledger(ns: argparse.Namespace) -> int:
-    from router.config import router_kwargs_from_env
     from router.ledger import Ledger
 
-    ledger = Ledger(router_kwargs_from_env().get("ledger"))
+    ledger = Ledger(os.environ.get("IMAGEROUTER_LEDGER") or None)
     group = [g.strip() for g in ns.by.split(",") if g.strip()]
     since = ns.since.replace(tzinfo=UTC) if ns.since and ns.since.tzinfo is None else ns.since
     rows = ledger.report(since=since, group_by=group)
