@@ -27,6 +27,7 @@ from router.errors import (
     RateLimited,
     RequestValidationError,
 )
+from router.progress import ProgressEvent
 from router.request import Constraints, ControlInput, ImageRequest, LoraRef
 from router.result import Attempt, Cost, GeneratedImage, GenerationResult, Latency
 
@@ -80,6 +81,7 @@ __all__ = [
     "LoraRef",
     "MalformedResponse",
     "NoRouteError",
+    "ProgressEvent",
     "ProviderTimeout",
     "ProviderUnavailable",
     "RateLimited",

@@ -39,6 +39,7 @@ from router.errors import (
 )
 from router.health import CircuitBreaker
 from router.ledger import Budget, Ledger, Reservation
+from router.progress import ProgressCallback, reporting_to
 from router.request import ImageRequest
 from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
 
@@ -151,8 +152,15 @@ class AsyncRouter:
     # --- generation ------------------------------------------------------------------
 
     async def agenerate(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
-                        **kw: Any) -> GenerationResult:
-        """Generate images for ``request`` (or a prompt and request fields as keywords)."""
+                        on_progress: ProgressCallback | None = None, **kw: Any) -> GenerationResult:
+        """Generate images for ``request`` (or a prompt and request fields as keywords).
+
+        ``on_progress`` receives a :class:`~router.progress.ProgressEvent` per denoising step from
+        backends that report steps (the local one); it runs on the backend's thread.
+        """
+        if on_progress is not None:
+            with reporting_to(on_progress):
+                return await self.agenerate(request, policy=policy, **kw)
         start = self._clock()
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
