@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -52,6 +54,44 @@ def sandbox2() -> Iterator[OpenAISandbox]:
 
     with OpenAISandbox(api_key="sk-sandbox-backup") as sb:
         yield sb
+
+
+# --- tiny local Diffusers models, written once per session and loaded back from disk ---------
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory for the tiny models; the hub is off while they are in use."""
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield tmp_path_factory.mktemp("models")
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(models_root: Path) -> Path:
+    from tests.local_models import build_sd15
+
+    return build_sd15(models_root / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(models_root: Path) -> Path:
+    from tests.local_models import build_sdxl
+
+    return build_sdxl(models_root / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def flux_dir(models_root: Path) -> Path:
+    from tests.local_models import build_flux
+
+    return build_flux(models_root / "tiny-flux")
 
 
 @pytest.fixture(autouse=True)

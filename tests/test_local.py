@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,9 @@ from providers.local.pipelines import PipelineCache
 from router import AsyncRouter, ImageRequest, InvalidRequestError
 from router.errors import ProviderTimeout, RequestValidationError
 from tests.conftest import half_mask
-from tests.local_models import build_sd15, build_sdxl, write_incomplete_model, write_pickled_model
+from tests.local_models import build_sd15, write_incomplete_model, write_pickled_model
 
 STEPS = 3
-
-
-@pytest.fixture(scope="session")
-def sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield build_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
-
-
-@pytest.fixture(scope="session")
-def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 def entry(path: Path | str, **kw: Any) -> dict[str, Any]:

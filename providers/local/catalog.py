@@ -36,6 +36,16 @@ class ModelEntry:
     min_side: int = 256
     max_side: int = 2048
     max_n: int = 8
+    max_loras: int = 4
+    lora_cache: int = 8
+    """LoRA adapters kept loaded on this model (least recently used removed first)."""
+    vae: str | None = None
+    """A replacement VAE directory, e.g. the fp16-fix SDXL VAE, so fp16 decoding needs no fp32 upcast."""
+    offload: Literal["model", "sequential"] | None = None
+    """CPU offload on CUDA: whole models (``model``) or layer by layer (``sequential``, least memory)."""
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    attention_slicing: bool = False
 
     @property
     def multiple(self) -> int:
@@ -65,6 +75,9 @@ class ModelEntry:
         values["native"] = tuple(int(v) for v in values["native"])
         values["controlnets"] = {str(k): str(v) for k, v in dict(values.get("controlnets") or {}).items()}
         values["path"] = str(values["path"])
+        if values.get("offload") not in (None, "model", "sequential"):
+            raise InvalidRequestError(f"model {name!r}: offload must be 'model', 'sequential' or absent, "
+                                      f"got {values['offload']!r}")
         return cls(name=name, **values)
 
 

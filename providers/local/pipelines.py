@@ -2,7 +2,7 @@
 
 Only safetensors are ever loaded (``use_safetensors=True``): a model whose weights are
 pickled (``.bin``/``.ckpt``/``.pt``) is refused before anything is read. One base pipeline
-is kept per model; img2img and inpaint pipelines share its modules through ``from_pipe``
+is kept per model; img2img, inpaint and ControlNet pipelines share its modules through ``from_pipe``
 (with an explicit ``dtype``, so shared modules are never upcast in place). Models beyond
 the cache's budget are evicted least recently used first.
 """
@@ -10,6 +10,7 @@ the cache's budget are evicted least recently used first.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from providers.local.catalog import ModelEntry
+from providers.local.loras import AdapterSet
 from router.errors import InvalidRequestError
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-_TASK_PIPES = {"img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
+_TASK_PIPES = {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image",
+               "inpaint": "AutoPipelineForInpainting"}
+log = logging.getLogger("imagerouter")
 
 
 class ModelNotAvailable(InvalidRequestError):
@@ -43,8 +47,25 @@ class UnsafeCheckpoint(InvalidRequestError):
             "save_pretrained(safe_serialization=True))", provider="local", code="unsafe_checkpoint")
 
 
+def check_component(entry: ModelEntry, what: str, path: str) -> Path:
+    """A single-model directory (ControlNet, VAE): it exists and holds safetensors, not pickles."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ModelNotAvailable(entry.name, f"{what} directory {root} does not exist; download it there or fix "
+                                            "its path in the catalog")
+    files = [p for p in root.iterdir() if p.is_file()]
+    if not any(p.name.endswith(".safetensors") for p in files):
+        pickled = [p.name for p in files if p.suffix in _PICKLE_SUFFIXES]
+        if pickled:
+            raise UnsafeCheckpoint(entry.name, pickled)
+        raise ModelNotAvailable(entry.name, f"{what} directory {root} has no .safetensors weights")
+    return root
+
+
 def check_weights(entry: ModelEntry) -> None:
     """Refuse a missing model or pickled weights before anything is loaded."""
+    if entry.vae is not None:
+        check_component(entry, "VAE", entry.vae)
     if not entry.is_local_dir:
         return
     root = Path(entry.path).expanduser()
@@ -107,7 +128,9 @@ class PipelineCache:
         self._bases: OrderedDict[str, Any] = OrderedDict()
         self._vram: dict[str, float] = {}
         self._loaded: tuple[str, ...] = ()
-        self._tasks: dict[tuple[str, str], Any] = {}
+        self._tasks: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+        self._controlnets: dict[tuple[str, str], Any] = {}
+        self._adapters: dict[str, AdapterSet] = {}
         self._lock = threading.Lock()
         self.loads = 0
 
@@ -144,26 +167,65 @@ class PipelineCache:
             self._loaded = tuple(self._bases)
             return pipe
 
-    def for_task(self, entry: ModelEntry, task: str) -> Any:
-        """The pipeline for ``task`` (txt2img/img2img/inpaint), sharing the base's modules."""
+    def for_task(self, entry: ModelEntry, task: str, controls: tuple[str, ...] = ()) -> Any:
+        """The pipeline for ``task`` (txt2img/img2img/inpaint) with ControlNets for ``controls`` (kinds, in order).
+
+        Every view shares the base's modules (``from_pipe`` with an explicit ``dtype``).
+        """
         base = self.base(entry)
-        if task == "txt2img":
+        if task == "txt2img" and not controls:
             return base
-        key = (entry.name, task)
+        key = (entry.name, task, controls)
         with self._lock:
             pipe = self._tasks.get(key)
             if pipe is None:
                 import diffusers
 
+                extra: dict[str, Any] = {}
+                if controls:
+                    nets = [self._controlnet(entry, kind) for kind in controls]
+                    extra["controlnet"] = nets[0] if len(nets) == 1 else nets
                 cls = getattr(diffusers, _TASK_PIPES[task])
                 try:
-                    pipe = cls.from_pipe(base, dtype=self.dtype)
+                    pipe = cls.from_pipe(base, dtype=self.dtype, **extra)
                 except (ValueError, KeyError) as exc:
-                    raise InvalidRequestError(f"local model {entry.name!r} has no {task} pipeline ({exc})",
+                    what = f"{task} with ControlNet" if controls else task
+                    raise InvalidRequestError(f"local model {entry.name!r} has no {what} pipeline ({exc})",
                                               provider="local") from None
                 pipe.set_progress_bar_config(disable=True)
                 self._tasks[key] = pipe
             return pipe
+
+    def adapters(self, entry: ModelEntry) -> AdapterSet:
+        """The LoRA adapters loaded on the model's modules (shared by all its task views)."""
+        with self._lock:
+            found = self._adapters.get(entry.name)
+            if found is None:
+                found = self._adapters[entry.name] = AdapterSet(entry.lora_cache)
+            return found
+
+    def _controlnet(self, entry: ModelEntry, kind: str) -> Any:
+        key = (entry.name, kind)
+        net = self._controlnets.get(key)
+        if net is None:
+            path = entry.controlnets.get(kind)
+            if path is None:
+                raise InvalidRequestError(
+                    f"local model {entry.name!r} has no ControlNet for {kind!r} (it has "
+                    f"{', '.join(entry.controlnets) or 'none'}); add one under controlnets in the catalog",
+                    provider="local", code="control_kind_unavailable")
+            import diffusers
+
+            root = check_component(entry, f"{kind} ControlNet", path)
+            cls = diffusers.FluxControlNetModel if entry.family == "flux" else diffusers.ControlNetModel
+            try:
+                net = cls.from_pretrained(str(root), use_safetensors=True, dtype=self.dtype, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ModelNotAvailable(entry.name, f"could not load the {kind} ControlNet from {root}: {exc}"[:600]
+                                        ) from None
+            net = net.to(self.device)
+            self._controlnets[key] = net
+        return net
 
     def evict(self, name: str) -> None:
         with self._lock:
@@ -175,6 +237,9 @@ class PipelineCache:
         self._loaded = tuple(self._bases)
         for key in [k for k in self._tasks if k[0] == name]:
             del self._tasks[key]
+        for cn_key in [k for k in self._controlnets if k[0] == name]:
+            del self._controlnets[cn_key]
+        self._adapters.pop(name, None)
         if self.device.startswith("cuda"):
             import torch
 
@@ -185,13 +250,39 @@ class PipelineCache:
         from diffusers import DiffusionPipeline
 
         path = str(Path(entry.path).expanduser()) if entry.is_local_dir else entry.path
+        extra: dict[str, Any] = {}
         try:
+            if entry.vae is not None:
+                from diffusers import AutoencoderKL
+
+                extra["vae"] = AutoencoderKL.from_pretrained(str(Path(entry.vae).expanduser()), use_safetensors=True,
+                                                             dtype=self.dtype, local_files_only=True)
             pipe = DiffusionPipeline.from_pretrained(
                 path, use_safetensors=True, dtype=self.dtype,
-                local_files_only=entry.is_local_dir or offline())
+                local_files_only=entry.is_local_dir or offline(), **extra)
         except (OSError, ValueError) as exc:
             raise ModelNotAvailable(entry.name, f"could not load from {path}: {exc}"[:600]) from None
-        pipe = pipe.to(self.device)
+        self._place(entry, pipe)
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1
         return pipe
+
+    def _place(self, entry: ModelEntry, pipe: Any) -> None:
+        """Move the pipeline to the device, or set up CPU offload, and apply the memory options."""
+        if entry.offload and self.device.startswith("cuda"):
+            if entry.offload == "model":
+                pipe.enable_model_cpu_offload(device=self.device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            if entry.offload:
+                log.info("local model %s: offload=%s applies on CUDA only; running on %s", entry.name,
+                         entry.offload, self.device)
+            pipe.to(self.device)
+        vae = getattr(pipe, "vae", None)
+        if entry.vae_slicing and vae is not None:
+            vae.enable_slicing()
+        if entry.vae_tiling and vae is not None:
+            vae.enable_tiling()
+        if entry.attention_slicing:
+            pipe.enable_attention_slicing()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import random
@@ -13,19 +14,24 @@ from typing import Any
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
 from providers.local.catalog import Catalog, ModelEntry
-from providers.local.worker import DeviceWorker, Job, JobResult
+from providers.local.controls import control_map
+from providers.local.loras import LoraFile, check_family, resolve
+from providers.local.worker import Control, DeviceWorker, Job, JobResult
 from router.errors import ImageRouterError, InvalidRequestError, ProviderUnavailable
 from router.geometry import SizeRules, plan_size
 from router.images import decode, encode, load_bytes, mask_to_white_repaint
 from router.prices import PriceTable
-from router.request import ImageRequest
+from router.progress import ProgressEvent, current_sink
+from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
 _MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # Seconds per denoising step per image at the family's native size, before anything is observed.
 _PRIOR_S_PER_STEP = {"sd15": 0.03, "sdxl": 0.08, "flux": 0.3}
 _LOAD_PRIOR_S = {"sd15": 5.0, "sdxl": 12.0, "flux": 30.0}
-_OPTIONS = frozenset({"safety_checker"})
+_OPTIONS = frozenset({"safety_checker", "mask_blur", "padding_mask_crop", "canny_low", "canny_high"})
+_CONTROLNET_COST = 0.4
+"""A ControlNet adds roughly this fraction of a UNet step to each step."""
 
 
 class LocalProvider(Provider):
@@ -77,8 +83,13 @@ class LocalProvider(Provider):
 
     def capabilities(self, model: str) -> Capabilities:
         e = self.catalog.get(model)
+        tasks: set[Task] = {"txt2img", "img2img", "inpaint"}
+        if e.controlnets:
+            tasks.add("control")
+        lora = importlib.util.find_spec("peft") is not None
         return Capabilities(
-            tasks=frozenset({"txt2img", "img2img", "inpaint"}),
+            tasks=frozenset(tasks), control_kinds=frozenset(e.controlnets), max_controls=len(e.controlnets),
+            max_loras=e.max_loras if lora else 0,
             sizes=SizeRules(multiple=e.multiple, min_side=e.min_side, max_side=e.max_side,
                             max_pixels=e.max_side * e.max_side, native=e.native),
             max_n=e.max_n, negative_prompt=e.family != "flux", seed=True, steps=True, guidance=True,
@@ -119,9 +130,9 @@ class LocalProvider(Provider):
 
     def _steps(self, request: ImageRequest, entry: ModelEntry) -> int:
         steps = request.steps or entry.steps
-        if request.task in ("img2img", "inpaint"):
-            strength = request.strength if request.strength is not None else (
-                0.8 if request.task == "img2img" else 1.0)
+        task = base_task(request)
+        if task in ("img2img", "inpaint"):
+            strength = request.strength if request.strength is not None else (0.8 if task == "img2img" else 1.0)
             return max(1, int(steps * strength))
         return steps
 
@@ -135,6 +146,7 @@ class LocalProvider(Provider):
         size = self.plan(request, model).size
         scale = (size.width * size.height) / (entry.native[0] * entry.native[1])
         seconds = self.seconds_per_step(model) * self._steps(request, entry) * request.n * scale
+        seconds *= 1 + _CONTROLNET_COST * len(request.controls)
         loaded = self._worker is not None and model in self._worker.cache.loaded()
         if not loaded and model not in self._observed:
             seconds += _LOAD_PRIOR_S[entry.family]
@@ -177,19 +189,21 @@ class LocalProvider(Provider):
         if request.mask_image is not None:
             mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image), what="mask_image"),
                                          (width, height))
-        seed = request.seed if request.seed is not None else random.randrange(2**32 - request.n)
         options = request.provider_options.get(self.name, {})
+        controls = await self._controls(request, entry, (width, height), options)
+        loras = self._loras(request, entry)
+        seed = request.seed if request.seed is not None else random.randrange(2**32 - request.n)
         job = Job(
-            entry=entry, task=request.task, prompt=request.prompt, width=width, height=height,
+            entry=entry, task=base_task(request), prompt=request.prompt, width=width, height=height,
             steps=request.steps or entry.steps,
             guidance=request.guidance_scale if request.guidance_scale is not None else entry.guidance,
             seeds=tuple(seed + i for i in range(request.n)), negative_prompt=request.negative_prompt,
             scheduler=request.scheduler, strength=request.strength, init_image=init, mask_image=mask,
             safety_checker=bool(options.get("safety_checker", self.safety_checker)),
-            deadline=time.monotonic() + timeout_s,
+            deadline=time.monotonic() + timeout_s, controls=controls, loras=loras,
+            mask_blur=int(options.get("mask_blur", 0)), padding_mask_crop=options.get("padding_mask_crop"),
+            progress=self._progress(model),
         )
-        if job.task not in ("txt2img", "img2img", "inpaint"):
-            raise InvalidRequestError(f"{model}: task {job.task} is not served locally", provider=self.name)
         try:
             result = await self.worker.run(job)
         except ImageRouterError:
@@ -215,7 +229,54 @@ class LocalProvider(Provider):
         )
         return ProviderResponse(images=images, model=model, billing=billing, warnings=plan.warnings)
 
+    async def _controls(self, request: ImageRequest, entry: ModelEntry, size: tuple[int, int],
+                        options: Mapping[str, Any]) -> tuple[Control, ...]:
+        missing = sorted({c.kind for c in request.controls} - set(entry.controlnets))
+        if missing:
+            raise InvalidRequestError(
+                f"{entry.name} has no ControlNet for {', '.join(missing)} (it has "
+                f"{', '.join(entry.controlnets) or 'none'}); add one under controlnets in the catalog or drop "
+                "that control", provider=self.name, code="control_kind_unavailable")
+        low, high = int(options.get("canny_low", 100)), int(options.get("canny_high", 200))
+        out = []
+        for c in request.controls:
+            image = decode(await load_bytes(c.image), what=f"controls[{c.kind}].image")
+            # Edge maps are NumPy work; keep it off the event loop and off the device queue.
+            cmap = await asyncio.to_thread(control_map, image, c.kind, size, preprocess=c.preprocess, low=low,
+                                           high=high)
+            out.append(Control(c.kind, cmap, c.scale, c.start, c.end))
+        return tuple(out)
+
+    def _loras(self, request: ImageRequest, entry: ModelEntry) -> tuple[tuple[LoraFile, float], ...]:
+        if len(request.loras) > entry.max_loras:
+            raise InvalidRequestError(f"{entry.name} takes at most {entry.max_loras} LoRAs, the request has "
+                                      f"{len(request.loras)}", provider=self.name)
+        loras = tuple((resolve(ref.ref), ref.weight) for ref in request.loras)
+        check_family(loras, entry.family)
+        return loras
+
+    def _progress(self, model: str) -> Any:
+        sink = current_sink()
+        if sink is None:
+            return None
+        start = time.monotonic()
+
+        def report(step: int, total: int) -> None:
+            sink(ProgressEvent(self.name, model, step, total, time.monotonic() - start))
+
+        return report
+
     async def aclose(self) -> None:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+
+def base_task(request: ImageRequest) -> str:
+    """The pipeline a request runs on: inpaint with a mask, img2img with an init image, else txt2img.
+
+    ControlNets ride on any of the three.
+    """
+    if request.mask_image is not None:
+        return "inpaint"
+    return "img2img" if request.init_image is not None else "txt2img"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from providers.local.catalog import ModelEntry
+from providers.local.loras import LoraFile
 from providers.local.pipelines import PipelineCache
 from router.errors import InvalidRequestError, ProviderTimeout
 
@@ -58,6 +60,27 @@ class Job:
     safety_checker: bool = True
     deadline: float = float("inf")
     """``time.monotonic()`` after which the call is interrupted."""
+    controls: tuple[Control, ...] = ()
+    loras: tuple[tuple[LoraFile, float], ...] = ()
+    mask_blur: int = 0
+    padding_mask_crop: int | None = None
+    progress: Callable[[int, int], None] | None = None
+    """Called on the device thread after each denoising step with (step, total)."""
+
+    @property
+    def control_kinds(self) -> tuple[str, ...]:
+        return tuple(c.kind for c in self.controls)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """One ControlNet input, already turned into its map at the output size."""
+
+    kind: str
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
 
 
 @dataclass(slots=True)
@@ -96,6 +119,8 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResu
     def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         nonlocal steps_run
         steps_run = i + 1
+        if job.progress is not None:
+            job.progress(steps_run, int(getattr(p, "_num_timesteps", None) or job.steps))
         if cancel.is_set() or time.monotonic() > job.deadline:
             p._interrupt = True
         return kwargs
@@ -108,22 +133,31 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResu
     }
     if job.negative_prompt and job.entry.family != "flux":
         kwargs["negative_prompt"] = job.negative_prompt
+    mask = job.mask_image
     if job.task == "txt2img":
         kwargs |= {"width": job.width, "height": job.height}
     else:
         kwargs["image"] = job.init_image
         kwargs["strength"] = job.strength if job.strength is not None else (0.8 if job.task == "img2img" else 1.0)
         if job.task == "inpaint":
-            kwargs |= {"mask_image": job.mask_image, "width": job.width, "height": job.height}
+            if job.mask_blur:
+                mask = pipe.mask_processor.blur(mask, blur_factor=job.mask_blur)
+            kwargs |= {"mask_image": mask, "width": job.width, "height": job.height}
+            if job.padding_mask_crop:
+                kwargs["padding_mask_crop"] = job.padding_mask_crop
+        elif "width" in inspect.signature(pipe.__call__).parameters:  # Flux's img2img sizes from width/height
+            kwargs |= {"width": job.width, "height": job.height}
         if int(job.steps * kwargs["strength"]) < 1:
             raise InvalidRequestError(f"steps × strength = {job.steps} × {kwargs['strength']} runs no denoising "
                                       "step; raise steps or strength", provider="local")
+    if job.controls:
+        kwargs |= control_kwargs(pipe, job, gens)
     if cancel.is_set() or time.monotonic() > job.deadline:
         raise ProviderTimeout("cancelled before it started (deadline passed in the queue)", provider="local")
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = pipe(**kwargs)
-    if pipe.device.type == "cuda":
+    if str(pipe._execution_device).startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if getattr(pipe, "_interrupt", False):
@@ -134,9 +168,34 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResu
     if job.task == "inpaint":  # keep unmasked pixels exact; a flagged image stays black
         from PIL import Image
 
-        images = [img if flag else Image.composite(img.convert("RGB"), job.init_image, job.mask_image)
+        images = [img if flag else Image.composite(img.convert("RGB"), job.init_image, mask)
                   for img, flag in zip(images, flags, strict=True)]
     return JobResult(images, flags, seconds, steps_run, type(scheduler).__name__)
+
+
+def control_kwargs(pipe: Any, job: Job, generators: list[Any]) -> dict[str, Any]:
+    """The ControlNet arguments: maps, scales and windows (one value for one net, lists for several)."""
+    one = len(job.controls) == 1
+
+    def per_net(values: list[Any]) -> Any:
+        return values[0] if one else values
+
+    flux = job.entry.family == "flux"
+    # The txt2img SD/SDXL ControlNet pipelines take the map as ``image``; every other one as ``control_image``.
+    key = "image" if job.task == "txt2img" and not flux else "control_image"
+    out: dict[str, Any] = {
+        key: per_net([c.image for c in job.controls]),
+        "controlnet_conditioning_scale": per_net([c.scale for c in job.controls]),
+        "control_guidance_start": per_net([c.start for c in job.controls]),
+        "control_guidance_end": per_net([c.end for c in job.controls]),
+    }
+    if flux and job.task == "txt2img":
+        # Flux's ControlNet pipeline samples the map's VAE latents from the same generators before the noise;
+        # drawing the noise first, as the plain pipeline does, keeps a seed's image the same with or without it.
+        latents, _ = pipe.prepare_latents(len(generators), pipe.transformer.config.in_channels // 4, job.height,
+                                          job.width, pipe.transformer.dtype, pipe._execution_device, generators)
+        out["latents"] = latents
+    return out
 
 
 class DeviceWorker:
@@ -167,7 +226,9 @@ class DeviceWorker:
 
         def work(cache: PipelineCache, cancel: threading.Event) -> JobResult:
             try:
-                result = call_pipeline(cache.for_task(job.entry, job.task), job, cancel)
+                pipe = cache.for_task(job.entry, job.task, job.control_kinds)
+                cache.adapters(job.entry).activate(cache.base(job.entry), job.loras)
+                result = call_pipeline(pipe, job, cancel)
             except ProviderTimeout:
                 self.interrupted += 1
                 raise
