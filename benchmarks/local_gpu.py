@@ -5,7 +5,9 @@ weights (the arithmetic per step is that of the trained models), saved with
 safetensors and loaded back through LocalProvider's real loading path. fp16 on CUDA.
 
 Method (docs/PERF.md): one warm-up call each, ``torch.cuda.synchronize()`` around
-every timed call, the median of ``--runs`` runs; the two paths are interleaved.
+every timed call, the median of ``--runs`` runs; the paths are interleaved. Beside the
+times: FLOPs per UNet step (counted on the meta device) and the floor, the FLOPs of
+all steps and the VAE decode over the device's measured matmul rate.
 
     python benchmarks/local_gpu.py                  # sd15 and sdxl on CUDA
     python benchmarks/local_gpu.py --smoke          # tiny configs on CPU: checks the script
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import statistics
 import sys
@@ -121,6 +124,46 @@ def build(family: str, directory: Path, *, tiny: bool, device: str, dtype: Any) 
     return directory
 
 
+def count_flops(family: str, size: int, batch: int, *, tiny: bool) -> tuple[float, float]:
+    """FLOPs of one UNet step (CFG: a batch of 2 × ``batch``) and of one VAE decode of ``batch`` latents.
+
+    Counted on the meta device with ``torch.utils.flop_counter``: shapes only, no memory, no time.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = unet_config(family, tiny)
+    lat = size // (2 ** (len(vae_config(tiny)["block_out_channels"]) - 1))
+    with torch.device("meta"):
+        unet: Any = UNet2DConditionModel(**config)
+        vae: Any = AutoencoderKL(**vae_config(tiny))
+        b = 2 * batch
+        added = None
+        if config.get("addition_embed_type") == "text_time":
+            text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            added = {"text_embeds": torch.empty(b, text_dim), "time_ids": torch.empty(b, 6)}
+        with FlopCounterMode(display=False) as step:
+            unet(torch.empty(b, 4, lat, lat), torch.tensor(10.0),
+                 encoder_hidden_states=torch.empty(b, 77, config["cross_attention_dim"]), added_cond_kwargs=added)
+        with FlopCounterMode(display=False) as decode:
+            vae.decode(torch.empty(batch, 4, lat, lat))
+    return float(step.get_total_flops()), float(decode.get_total_flops())
+
+
+def matmul_rate(device: str, dtype: Any) -> float:
+    """The device's measured dense matmul rate in FLOP/s (the floor's denominator)."""
+    import torch
+
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    runs = [timed(lambda: a @ b, device) for _ in range(10)]
+    return 2 * n**3 / statistics.median(runs)
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -153,6 +196,7 @@ def bench(family: str, args: argparse.Namespace, root: Path) -> list[dict[str, A
     plain = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
                                               local_files_only=True).to(device)
     plain.set_progress_bar_config(disable=True)
+    rate = matmul_rate(device, dtype)
     rows: list[dict[str, Any]] = []
     loop = asyncio.new_event_loop()
     for batch in args.batches:
@@ -162,27 +206,36 @@ def bench(family: str, args: argparse.Namespace, root: Path) -> list[dict[str, A
         def via_provider(req: ImageRequest = req) -> None:
             loop.run_until_complete(provider.generate(req, family, timeout_s=600))
 
-        def via_diffusers(batch: int = batch) -> None:
+        def via_diffusers(batch: int = batch, png: bool = False) -> None:
             plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config, use_karras_sigmas=True)
             gens = [torch.Generator("cpu").manual_seed(1 + i) for i in range(batch)]
-            plain(PROMPT, width=size, height=size, num_inference_steps=steps, num_images_per_prompt=batch,
-                  generator=gens)
+            out = plain(PROMPT, width=size, height=size, num_inference_steps=steps, num_images_per_prompt=batch,
+                        generator=gens)
+            if png:  # what an app must do before it can send or store the images (Pillow's default level)
+                for img in out.images:
+                    img.save(io.BytesIO(), format="PNG")
 
-        times: dict[str, list[float]] = {"local": [], "diffusers": []}
+        paths = {"local": via_provider, "diffusers": via_diffusers,
+                 "diff+png": lambda batch=batch: via_diffusers(batch, png=True)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         peaks: dict[str, int] = {}
-        for _name, fn in (("local", via_provider), ("diffusers", via_diffusers)):
+        for fn in paths.values():
             fn()  # warm-up
+        step_flops, decode_flops = count_flops(family, size, batch, tiny=args.smoke)
+        floor = (steps * step_flops + decode_flops) / rate / batch
         for _ in range(args.runs):
-            for name, fn in (("local", via_provider), ("diffusers", via_diffusers)):
+            for name, fn in paths.items():
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 times[name].append(timed(fn, device))
                 if device == "cuda":
                     peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
-        for name in ("local", "diffusers"):
+        for name in paths:
             med = statistics.median(times[name])
             rows.append({"model": family, "size": size, "batch": batch, "path": name, "s_per_image": med / batch,
-                         "it_s": steps / med, "peak_gib": peaks.get(name, 0) / 2**30, "runs": args.runs})
+                         "it_s": steps / med, "peak_gib": peaks.get(name, 0) / 2**30, "runs": args.runs,
+                         "tflop_step": step_flops / 1e12, "floor_s": floor, "x_floor": med / batch / floor,
+                         "rate_tflops": rate / 1e12})
     loop.run_until_complete(provider.aclose())
     loop.close()
     return rows
@@ -202,13 +255,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.models:
             rows += bench(family, args, Path(tmp))
-    header = f"{'model':6} {'size':>5} {'batch':>5} {'path':10} {'s/image':>9} {'it/s':>8} {'peak GiB':>9}"
+    header = (f"{'model':6} {'size':>5} {'batch':>5} {'path':10} {'s/image':>9} {'it/s':>8} {'peak GiB':>9} "
+              f"{'TFLOP/step':>10} {'floor s/img':>11} {'x floor':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:6} {r['size']:>5} {r['batch']:>5} {r['path']:10} {r['s_per_image']:>9.4f} "
-              f"{r['it_s']:>8.2f} {r['peak_gib']:>9.2f}")
-    print(f"(median of {rows[0]['runs'] if rows else 0} runs after one warm-up; it/s = steps / seconds per call)")
+              f"{r['it_s']:>8.2f} {r['peak_gib']:>9.2f} {r['tflop_step']:>10.3f} {r['floor_s']:>11.4f} "
+              f"{r['x_floor']:>8.1f}")
+    runs = rows[0]["runs"] if rows else 0
+    rate = rows[0]["rate_tflops"] if rows else 0
+    print(f"(median of {runs} runs after one warm-up, paths interleaved; it/s = steps / seconds per call; "
+          f"TFLOP/step = one UNet step with CFG for the whole batch; floor = (steps × step + VAE decode FLOPs) ÷ "
+          f"the measured matmul rate {rate:.1f} TFLOP/s, per image; local includes PNG encoding at level 1, "
+          "diff+png encodes at Pillow's default level 6)")
 
 
 if __name__ == "__main__":

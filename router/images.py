@@ -62,13 +62,20 @@ def decode(data: bytes, *, what: str = "image") -> PILImage.Image:
     return img
 
 
-def encode(img: PILImage.Image, fmt: str = "png") -> bytes:
-    """Encode a PIL image as png, jpeg or webp bytes."""
+def encode(img: PILImage.Image, fmt: str = "png", *, png_compress_level: int = 6) -> bytes:
+    """Encode a PIL image as png, jpeg or webp bytes.
+
+    ``png_compress_level`` trades size for time: on a 1024² photo-like image, level 1
+    encodes about 4× faster than Pillow's default 6 for a file about a third larger.
+    """
     buf = io.BytesIO()
     pil_format = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}[fmt.lower()]
     if pil_format == "JPEG" and img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
-    img.save(buf, format=pil_format)
+    if pil_format == "PNG":
+        img.save(buf, format=pil_format, compress_level=png_compress_level)
+    else:
+        img.save(buf, format=pil_format)
     return buf.getvalue()
 
 

@@ -37,7 +37,8 @@ _CONTROLNET_COST = 0.4
 class LocalProvider(Provider):
     """Local Diffusers models from a :class:`Catalog`, served by one worker per device.
 
-    ``usd_per_gpu_hour`` prices device time (0: local work is free). At most ``max_models``
+    ``usd_per_gpu_hour`` prices device time (0: local work is free). PNGs are written at
+    ``png_compress_level`` 1 (fast; 6 is Pillow's smaller, slower default). At most ``max_models``
     base pipelines (and ``vram_budget_gb`` of catalog ``vram_gb``) stay loaded. The safety checker
     runs where the model ships one, unless ``safety_checker=False`` here or
     ``provider_options={"local": {"safety_checker": False}}`` on the request.
@@ -58,6 +59,7 @@ class LocalProvider(Provider):
         dtype: Any = None,
         safety_checker: bool = True,
         seconds_per_step: Mapping[str, float] | None = None,
+        png_compress_level: int = 1,
     ) -> None:
         super().__init__(name=name, prices=prices)
         if catalog is None:
@@ -69,6 +71,7 @@ class LocalProvider(Provider):
         self.catalog = catalog
         self.usd_per_gpu_hour = Decimal(str(usd_per_gpu_hour))
         self.safety_checker = safety_checker
+        self.png_compress_level = png_compress_level
         self._device = device
         self._max_models = max_models
         self._vram_budget_gb = vram_budget_gb
@@ -215,10 +218,12 @@ class LocalProvider(Provider):
                                       provider=self.name) from None
         self._observe(model, result, job)
         fmt = request.output_format
+        # Encoding is CPU work of tens to hundreds of ms per image: off the event loop, one thread per image.
+        blobs = await asyncio.gather(*(asyncio.to_thread(encode, img, fmt, png_compress_level=self.png_compress_level)
+                                       for img in result.images))
         images = [
-            GeneratedImage(data=encode(img, fmt), mime=_MIME[fmt], width=img.width, height=img.height,
-                           seed=s, nsfw=flag)
-            for img, s, flag in zip(result.images, job.seeds, result.nsfw, strict=True)
+            GeneratedImage(data=blob, mime=_MIME[fmt], width=img.width, height=img.height, seed=s, nsfw=flag)
+            for blob, img, s, flag in zip(blobs, result.images, job.seeds, result.nsfw, strict=True)
         ]
         quantity = Decimal(f"{result.seconds:.3f}")
         billing = Billing(
