@@ -33,6 +33,8 @@ from router.result import Attempt, Cost, GeneratedImage, GenerationResult, Laten
 
 if TYPE_CHECKING:
     from router.ledger import Budget, Ledger
+    from router.logs import JsonFormatter
+    from router.provenance import read_provenance
     from router.router import AsyncRouter, Router, agenerate, generate
 
 _LAZY = {
@@ -42,6 +44,8 @@ _LAZY = {
     "agenerate": "router.router",
     "Ledger": "router.ledger",
     "Budget": "router.ledger",
+    "JsonFormatter": "router.logs",
+    "read_provenance": "router.provenance",
 }
 
 __version__ = "0.1.0"
@@ -76,6 +80,7 @@ __all__ = [
     "ImageRouterError",
     "InsufficientCredits",
     "InvalidRequestError",
+    "JsonFormatter",
     "Latency",
     "Ledger",
     "LoraRef",
@@ -89,4 +94,5 @@ __all__ = [
     "Router",
     "agenerate",
     "generate",
+    "read_provenance",
 ]

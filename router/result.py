@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
 
     from policies.decision import RoutingDecision
 
+log = logging.getLogger("imagerouter")
 Outcome = Literal["success", "error", "skipped"]
 _EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
@@ -30,20 +33,32 @@ class GeneratedImage:
     height: int
     seed: int | None = None
     nsfw: bool = False
+    provenance: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    """How the image was made (prompt, seed, model, provider, cost, request id, policy); set by the router."""
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], *, metadata: bool | None = None) -> Path:
         """Write the image atomically (a temp file renamed into place); return the path.
 
-        A path without a suffix gets the one that matches the image's format.
+        A path without a suffix gets the one that matches the image's format. The
+        :attr:`provenance` record is written into PNG and JPEG files (see :mod:`router.provenance`)
+        unless ``metadata=False``, or ``IMAGEROUTER_PROVENANCE=0`` and ``metadata`` is not True.
         """
         target = Path(path)
         if not target.suffix:
             target = target.with_suffix(_EXT.get(self.mime, ".img"))
+        data = self.data
+        if self.provenance and (metadata if metadata is not None else _provenance_enabled()):
+            from router.provenance import embed
+
+            try:
+                data = embed(data, self.provenance)
+            except ValueError as exc:
+                log.warning("provenance not written to %s: %s", target.name, exc)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(self.data)
+                fh.write(data)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -53,6 +68,12 @@ class GeneratedImage:
     def to_pil(self) -> PILImage.Image:
         """Decode into a PIL image."""
         return decode(self.data)
+
+
+def _provenance_enabled() -> bool:
+    from router.provenance import enabled
+
+    return enabled()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +147,10 @@ class GenerationResult:
         """The first image."""
         return self.images[0]
 
-    def save(self, directory: str | os.PathLike[str], stem: str = "image") -> list[Path]:
-        """Save every image into ``directory`` as ``<stem>-<i>.<ext>``."""
-        return [img.save(Path(directory) / f"{stem}-{i}") for i, img in enumerate(self.images)]
+    def save(self, directory: str | os.PathLike[str], stem: str = "image", *,
+             metadata: bool | None = None) -> list[Path]:
+        """Save every image into ``directory`` as ``<stem>-<i>.<ext>`` (``metadata``: see ``GeneratedImage.save``)."""
+        return [img.save(Path(directory) / f"{stem}-{i}", metadata=metadata) for i, img in enumerate(self.images)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (image bytes left out)."""

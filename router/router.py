@@ -7,6 +7,7 @@ cost accounting. Providers stay thin; policies stay pure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import threading
@@ -25,6 +26,7 @@ from policies.engine import PolicyEngine, RoutingContext
 from policies.policy import Policy, resolve_policy
 from policies.stats import LatencyStats
 from providers.base import Provider, ProviderResponse
+from router import provenance
 from router.errors import (
     AllProvidersFailed,
     BudgetExceeded,
@@ -39,12 +41,14 @@ from router.errors import (
 )
 from router.health import CircuitBreaker
 from router.ledger import Budget, Ledger, Reservation
+from router.logs import install_redaction
 from router.progress import ProgressCallback, reporting_to
 from router.request import ImageRequest
 from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
+from router.telemetry import Tracing
 
 T = TypeVar("T")
-log = logging.getLogger("imagerouter")
+log = install_redaction(logging.getLogger("imagerouter"))
 _PROVIDER_FAULTS = (ProviderUnavailable, ProviderTimeout, MalformedResponse)
 
 
@@ -54,6 +58,8 @@ class AsyncRouter:
     ``providers`` are tried in the order the policy ranks them; ``ledger`` is a
     :class:`~router.ledger.Ledger`, a path, ``":memory:"`` or None (the user's data dir).
     ``sleep``, ``clock`` and ``rng`` are injectable so tests can check waits exactly.
+    ``tracer_provider`` receives the OpenTelemetry spans (default: the global provider; False: none),
+    and ``record_prompts`` puts prompts on spans and log records (see :mod:`router.telemetry`).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class AsyncRouter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        tracer_provider: Any = None,
+        record_prompts: bool | None = None,
     ) -> None:
         names = [p.name for p in providers]
         if len(set(names)) != len(names):
@@ -97,6 +105,7 @@ class AsyncRouter:
         self._clock = clock
         self._rng = rng
         self._engines: dict[str, PolicyEngine] = {}
+        self._tracing = Tracing(tracer_provider, record_prompts=record_prompts)
 
     @classmethod
     def from_env(cls, **kw: Any) -> AsyncRouter:
@@ -168,18 +177,25 @@ class AsyncRouter:
         if req.idempotency_key is None:
             req = req.model_copy(update={"idempotency_key": request_id})
         deadline = start + (req.deadline_s or self.deadline_s)
-        decision = self._decide(req, pol)
-        routed = self._clock()
-        if not decision.chain:
-            reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
-            raise NoRouteError(f"no provider can serve this {req.task} request ({reasons or 'none registered'})",
-                               decision=decision, request_id=request_id)
-        walk = _Walk(self, req, pol, request_id, deadline)
-        for cand in decision.chain:
-            response = await walk.try_candidate(cand)
-            if response is not None:
-                return walk.result(cand, response, decision, start, routed)
-        raise walk.failure(decision)
+        with self._tracing.request(req, pol.name, request_id) as span:
+            walk = _Walk(self, req, pol, request_id, deadline, span)
+            try:
+                decision = self._decide(req, pol)
+                routed = self._clock()
+                self._tracing.routed(span, len(decision.chain))
+                if not decision.chain:
+                    reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
+                    raise NoRouteError(
+                        f"no provider can serve this {req.task} request ({reasons or 'none registered'})",
+                        decision=decision, request_id=request_id)
+                for rank, cand in enumerate(decision.chain):
+                    response = await walk.try_candidate(cand, rank)
+                    if response is not None:
+                        return walk.result(cand, response, decision, start, routed, rank)
+                raise walk.failure(decision)
+            except ImageRouterError as exc:
+                walk.failed(exc, start)
+                raise
 
     async def aclose(self) -> None:
         for provider in self.providers.values():
@@ -207,21 +223,23 @@ class _Walk:
     """One request's walk down the chain: its attempts, charges and deadline."""
 
     def __init__(self, router: AsyncRouter, request: ImageRequest, policy: Policy, request_id: str,
-                 deadline: float) -> None:
+                 deadline: float, span: Any = None) -> None:
         self.r = router
         self.request = request
         self.policy = policy
         self.request_id = request_id
         self.deadline = deadline
+        self.span = span  # the request's span (a no-op one when tracing is off)
         self.attempts: list[Attempt] = []
         self.errors: list[ImageRouterError] = []
         self.billed = Decimal(0)
+        self.calls = 0
 
     def remaining(self) -> float:
         return self.deadline - self.r._clock()
 
-    async def try_candidate(self, cand: RankedCandidate) -> ProviderResponse | None:
-        """Call one candidate with retries; None means: go on to the next."""
+    async def try_candidate(self, cand: RankedCandidate, rank: int = 0) -> ProviderResponse | None:
+        """Call one candidate (``rank`` in the chain) with retries; None means: go on to the next."""
         r = self.r
         provider = r.providers[cand.provider]
         if not r.breaker.available(provider.name):
@@ -235,10 +253,19 @@ class _Walk:
             sleep=r._sleep,
             reraise=True,
         )
+        tracing = r._tracing
         try:
             async for attempt in retrying:
-                with attempt:
-                    return await self._call(provider, cand, attempt.retry_state.attempt_number - 1)
+                self.calls += 1
+                with attempt, tracing.attempt(
+                    provider=provider.name, provider_kind=provider.kind, model=cand.model,
+                    request_id=self.request_id, rank=rank, number=self.calls,
+                    retry=attempt.retry_state.attempt_number - 1, estimated_usd=cand.estimate.cost_usd,
+                    seed=self.request.seed,
+                ) as span:
+                    response = await self._call(provider, cand, attempt.retry_state.attempt_number - 1)
+                    tracing.attempt_done(span, response)
+                    return response
         except ImageRouterError as exc:
             self.errors.append(exc)
             if isinstance(exc, BudgetExceeded):
@@ -305,8 +332,15 @@ class _Walk:
 
     def _record(self, cand: RankedCandidate, outcome: Outcome, latency: float, *,
                 error: ImageRouterError | None = None, cost: Decimal = Decimal(0), retry: int = 0) -> None:
-        log.debug("request %s attempt %s/%s retry %d: %s %s (%.3fs)", self.request_id, cand.provider, cand.model,
-                  retry, outcome, error.kind if error else "", latency)
+        level = logging.DEBUG if error is None else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "request %s attempt %s/%s retry %d: %s %s (%.3fs)", self.request_id, cand.provider,
+                    cand.model, retry, outcome, error.kind if error else "", latency, extra={
+                        "request_id": self.request_id, "provider": cand.provider, "model": cand.model,
+                        "outcome": outcome, "cost_usd": str(cost), "latency_s": round(latency, 4), "retry": retry,
+                        "error": error.kind if error else None,
+                        "error_message": error.message if error else None,
+                    })
         self.attempts.append(Attempt(
             provider=cand.provider, model=cand.model, outcome=outcome, latency_s=latency, cost_usd=cost,
             error=error.kind if error else None, message=error.message if error else None,
@@ -327,23 +361,54 @@ class _Walk:
         return AllProvidersFailed(f"every provider failed: {trail}", attempts=self.attempts, decision=decision,
                                   request_id=self.request_id)
 
+    def failed(self, exc: ImageRouterError, start: float) -> None:
+        """Log a request that ends in ``exc`` and add its attempt trail to the request span."""
+        self.r._tracing.request_failed(self.span, self.attempts)
+        if log.isEnabledFor(logging.WARNING):
+            log.warning("request %s failed: %s", self.request_id, exc, extra=self._extra(
+                provider=exc.provider, model=None, outcome="error", cost=self.billed,
+                latency=self.r._clock() - start, error=exc.kind))
+
+    def _extra(self, *, provider: str | None, model: str | None, outcome: str, cost: Decimal, latency: float,
+               error: str | None = None) -> dict[str, Any]:
+        extra = {"request_id": self.request_id, "provider": provider, "model": model, "outcome": outcome,
+                 "cost_usd": str(cost), "latency_s": round(latency, 4), "error": error, "policy": self.policy.name,
+                 "attempts": len(self.attempts)}
+        if self.r._tracing.record_prompts:
+            extra["prompt"] = self.request.prompt
+        return extra
+
     def result(self, cand: RankedCandidate, response: ProviderResponse, decision: RoutingDecision,
-               start: float, routed: float) -> GenerationResult:
+               start: float, routed: float, rank: int = 0) -> GenerationResult:
         end = self.r._clock()
         billing = response.billing
         last = self.attempts[-1]
+        cost = Cost(
+            estimated_usd=cand.estimate.cost_usd,
+            actual_usd=self.billed,
+            unit=billing.unit,
+            quantity=billing.quantity,
+            price_table_version=billing.price_table_version,
+            details=billing.details,
+        )
+        images = [dataclasses.replace(img, provenance=provenance.build(
+            self.request, img, provider=cand.provider, model=response.model, cost=cost, request_id=self.request_id,
+            policy=self.policy.name, provider_request_id=response.provider_request_id,
+        )) for img in response.images]
+        self.r._tracing.request_done(
+            self.span, provider=cand.provider, provider_kind=self.r.providers[cand.provider].kind,
+            model=response.model, rank=rank, attempts=self.attempts, estimated_usd=cand.estimate.cost_usd,
+            actual_usd=self.billed)
+        if log.isEnabledFor(logging.INFO):
+            log.info("request %s served by %s/%s ($%s, %.3fs)", self.request_id, cand.provider, response.model,
+                     self.billed, end - start, extra=self._extra(provider=cand.provider, model=response.model,
+                                                                  outcome="success", cost=self.billed,
+                                                                  latency=end - start))
         return GenerationResult(
-            images=response.images,
+            images=images,
             provider=cand.provider,
             model=response.model,
-            cost=Cost(
-                estimated_usd=cand.estimate.cost_usd,
-                actual_usd=self.billed,
-                unit=billing.unit,
-                quantity=billing.quantity,
-                price_table_version=billing.price_table_version,
-                details=billing.details,
-            ),
+            cost=cost,
             latency=Latency(
                 total_s=end - start, routing_s=routed - start, provider_s=last.latency_s,
                 queue_s=max(0.0, end - routed - last.latency_s),
