@@ -47,6 +47,12 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-image", help="path or URL of the image to edit")
     p.add_argument("--strength", type=float)
     p.add_argument("--mask", dest="mask_image", help="path of the mask (white = repaint)")
+    p.add_argument("--scheduler", help="dpmpp_2m_karras, euler, euler_a, unipc, ddim or lcm (local models)")
+    p.add_argument("--control", action="append", dest="controls", default=[], metavar="KIND=IMAGE[,scale=S,...]",
+                   help="a ControlNet input, e.g. canny=edges.png,scale=0.8,start=0,end=1,preprocess=false "
+                        "(repeat for several)")
+    p.add_argument("--lora", action="append", dest="loras", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA .safetensors file or directory, with its weight (repeat for several)")
     p.add_argument("--format", dest="output_format", choices=("png", "jpeg", "webp"), default="png")
     p.add_argument("--provider", help="pin a provider")
     p.add_argument("--model", help="pin a model")
@@ -62,13 +68,66 @@ def _request_args(p: argparse.ArgumentParser) -> None:
 def _request_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     names = ("negative_prompt", "width", "height", "aspect_ratio", "n", "steps", "guidance_scale", "seed",
              "init_image", "strength", "mask_image", "output_format", "provider", "model", "max_cost_usd",
-             "max_latency_s", "quality_floor")
+             "max_latency_s", "quality_floor", "scheduler")
     kw = {k: getattr(ns, k) for k in names if getattr(ns, k) is not None}
+    if ns.controls:
+        kw["controls"] = [_control(spec) for spec in ns.controls]
+    if ns.loras:
+        kw["loras"] = [_lora(spec) for spec in ns.loras]
     if ns.residency:
         kw["residency"] = {r.strip() for r in ns.residency.split(",") if r.strip()}
     if ns.tags:
         kw["tags"] = set(ns.tags)
     return kw
+
+
+def _control(spec: str) -> dict[str, Any]:
+    """``canny=edges.png,scale=0.8,start=0,end=1,preprocess=false`` → a ``controls`` entry."""
+    first, *rest = spec.split(",")
+    kind, sep, image = first.partition("=")
+    if not sep or not image:
+        raise InvalidRequestError(f"--control {spec!r}: start with KIND=IMAGE, e.g. canny=photo.png")
+    out: dict[str, Any] = {"kind": kind.strip(), "image": image.strip()}
+    for item in rest:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("scale", "start", "end", "preprocess"):
+            raise InvalidRequestError(f"--control {spec!r}: {item!r} is not scale=, start=, end= or preprocess=")
+        out[key] = value.strip().lower() in ("1", "true", "yes") if key == "preprocess" else float(value)
+    return out
+
+
+def _lora(spec: str) -> dict[str, Any]:
+    """``path/to/lora.safetensors:0.7`` → a ``loras`` entry (weight 1 when left out)."""
+    ref, sep, weight = spec.rpartition(":")
+    if sep and ref:
+        try:
+            return {"ref": ref, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"ref": spec}
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr for backends that report denoising steps."""
+
+    def __init__(self, stream: Any = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.shown = False
+
+    def __call__(self, event: Any) -> None:
+        filled = int(self.width * event.fraction)
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r{event.provider}/{event.model} [{bar}] {event.step}/{event.total} "
+                          f"{event.elapsed_s:.1f}s")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images")
     _request_args(gen)
     gen.add_argument("--out", default="out", help="directory for the images (default: ./out)")
+    gen.add_argument("--no-metadata", action="store_true", help="save without provenance metadata")
+    gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a progress bar for local generations (default: when stderr is a terminal)")
     route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys)")
     _request_args(route)
     route.add_argument("--explain", action="store_true", help="print the ranking and every rejection")
@@ -112,9 +174,15 @@ def _router() -> Any:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    with _router() as router:
-        result = router.generate(ns.prompt, policy=ns.policy, **_request_kwargs(ns))
-    paths = result.save(ns.out, stem=result.request_id)
+    show = ns.progress if ns.progress is not None else (sys.stderr.isatty() and not ns.json)
+    bar = _ProgressBar() if show else None
+    try:
+        with _router() as router:
+            result = router.generate(ns.prompt, policy=ns.policy, on_progress=bar, **_request_kwargs(ns))
+    finally:
+        if bar is not None:
+            bar.close()
+    paths = result.save(ns.out, stem=result.request_id, metadata=False if ns.no_metadata else None)
     if ns.json:
         print(json.dumps(result.to_dict() | {"files": [str(p) for p in paths]}, indent=2))
         return 0

@@ -89,3 +89,43 @@ def test_quickstart_example_runs_offline(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "served by openai/gpt-image-2" in out.stdout and "actual $" in out.stdout
     assert (tmp_path / "lighthouse-0.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_control_and_lora_flags_parse_into_request_fields() -> None:
+    from router.cli import _control, _lora
+    from router.errors import InvalidRequestError
+
+    assert _control("canny=edges.png,scale=0.8,end=0.6,preprocess=false") == {
+        "kind": "canny", "image": "edges.png", "scale": 0.8, "end": 0.6, "preprocess": False}
+    assert _lora("/loras/a.safetensors:0.7") == {"ref": "/loras/a.safetensors", "weight": 0.7}
+    assert _lora("/loras/dir") == {"ref": "/loras/dir"}
+    for bad in ("canny", "canny=x.png,strength=2"):
+        with pytest.raises(InvalidRequestError, match="--control"):
+            _control(bad)
+
+
+def test_generate_on_the_local_backend_shows_progress_and_takes_controls_and_loras(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sd15_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("diffusers")
+    from tests.conftest import png
+    from tests.local_models import build_controlnet, build_lora
+
+    cn = build_controlnet(tmp_path / "cn", "sd15")
+    lora = build_lora(sd15_dir, tmp_path / "lora.safetensors")
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text(f"models:\n  tiny:\n    path: {sd15_dir}\n    family: sd15\n    native: [64, 64]\n"
+                       f"    min_side: 64\n    steps: 3\n    controlnets: {{canny: {cn}}}\n")
+    (tmp_path / "edges.png").write_bytes(png(64, 64))
+    monkeypatch.setenv("IMAGEROUTER_MODELS", str(catalog))
+    code = main(["generate", "a cube", "--width", "64", "--height", "64", "--seed", "3", "--steps", "4",
+                 "--control", f"canny={tmp_path / 'edges.png'},scale=0.5", "--lora", f"{lora}:0.8",
+                 "--provider", "local", "--out", str(tmp_path / "out"), "--progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "local/tiny [" in captured.err and "4/4" in captured.err
+    assert "local/tiny: 1 image(s)" in captured.out
+    from router import read_provenance
+
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 1 and read_provenance(saved[0])["seed"] == 3
