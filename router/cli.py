@@ -148,13 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
     led.add_argument("--by", default="provider", help="comma-separated: provider, model, tag, day, month")
     led.add_argument("--since", type=datetime.fromisoformat, help="ISO date, e.g. 2026-11-01")
     led.add_argument("--json", action="store_true")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the router (needs [server])")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--policy", help="a preset or a .yaml/.toml policy file")
+    srv.add_argument("--ledger", help="the ledger file (or :memory:)")
+    srv.add_argument("--keys", dest="keys_file", help="client key file (default: IMAGEROUTER_SERVER_KEYS)")
+    srv.add_argument("--allow-open", action="store_true", help="serve a non-loopback host without client keys")
+    srv.add_argument("--max-body-bytes", type=int)
+    srv.add_argument("--max-image-bytes", type=int)
+    srv.add_argument("--unknown-model", choices=("route", "reject"), default="route",
+                     help="a model name no provider offers: route by policy (default) or answer 404")
+    srv.add_argument("--log-level", default="info")
+    keys = sub.add_parser("keys", help="make a client key for the server (printed once; stored hashed)",
+                          add_help=False)
+    keys.add_argument("args", nargs=argparse.REMAINDER)
+    demo = sub.add_parser("demo", help="a few routed requests against the offline sandboxes (no keys needed)")
+    demo.add_argument("--out", default=None, help="directory for the images (default: a new temp directory)")
+    demo.add_argument("--no-local", dest="local", action="store_false", default=None,
+                      help="skip the local backend even when its extra is installed")
+    demo.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger}[ns.command](ns)
+        commands = {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger,
+                    "serve": _serve, "keys": _keys, "demo": _demo}
+        return commands[ns.command](ns)
     except ImageRouterError as exc:
         code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
         if getattr(ns, "json", False):
@@ -255,6 +277,40 @@ def _ledger(ns: argparse.Namespace) -> int:
     for b, h in budgets:
         print(f"budget {b.name}: limit ${b.limit_usd}, headroom ${h}")
     return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    try:
+        from router.server import serve
+    except ImportError as exc:
+        print(f"error: the server needs its extra: pip install 'imagerouter[server]' ({exc.name} missing)",
+              file=sys.stderr)
+        return 1
+    limits = {k: v for k, v in (("max_body_bytes", ns.max_body_bytes), ("max_image_bytes", ns.max_image_bytes))
+              if v is not None}
+    try:
+        serve(ns.host, ns.port, policy=ns.policy, ledger=ns.ledger, keys_file=ns.keys_file,
+              allow_open=ns.allow_open, unknown_model=ns.unknown_model, log_level=ns.log_level, **limits)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keys(ns: argparse.Namespace) -> int:
+    from router.keys import main as keys_main
+
+    return keys_main(ns.args)
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from router.demo import run_demo
+
+    out = Path(ns.out) if ns.out else Path(tempfile.mkdtemp(prefix="imagerouter-demo-"))
+    return run_demo(out, as_json=ns.json, local=ns.local)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,17 @@ def test_generate_on_the_local_backend_shows_progress_and_takes_controls_and_lor
 
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert len(saved) == 1 and read_provenance(saved[0])["seed"] == 3
+
+
+def test_serve_refuses_an_open_public_bind_and_keys_makes_a_hashed_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0", "--port", "8765"]) == 1
+    assert "without client keys" in capsys.readouterr().err
+    keys = tmp_path / "keys.toml"
+    assert main(["keys", "alice", "--budget", "5", "--period", "day", "--file", str(keys)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-ir-") and key not in keys.read_text()
+    from router.keys import ServerKeys
+
+    found = ServerKeys.from_file(keys).verify(key)
+    assert found is not None and found.name == "alice"

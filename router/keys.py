@@ -1,0 +1,237 @@
+"""API keys for the HTTP server's clients: stored hashed, each with a name that tags its spend.
+
+A key file (TOML, or YAML with the same fields) lists one entry per client::
+
+    # keys.toml — make an entry with: python -m router.keys NAME [--budget 5 --period day]
+    [[keys]]
+    name = "team-a"                          # becomes the ledger tag "key:team-a"
+    sha256 = "3b4c…"                         # hex SHA-256 of the key; the key itself is never stored
+    budget_usd = "5.00"                      # optional: a budget on the key's tag
+    period = "day"                           # day | month (default) | total
+    tags = ["client-eu"]                     # optional: more tags for every request of this key
+
+Keys are long random tokens (``sk-ir-`` + 43 url-safe characters, 256 bits), so one
+SHA-256 round is enough to store them: there is nothing to brute-force. Lookups hash
+the presented key and compare it with every stored digest in constant time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+import tomllib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from router.ledger import PERIODS, Budget, Ledger, Period
+
+KEY_PREFIX = "sk-ir-"
+TAG_PREFIX = "key:"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 of ``key``, as stored in a key file."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random client key (``sk-ir-…``, 256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKey:
+    """One client's entry: its name, the key's digest, an optional budget and extra tags."""
+
+    name: str
+    sha256: str
+    budget_usd: Decimal | None = None
+    period: Period = "month"
+    tags: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"key name {self.name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        if not _HEX.match(self.sha256):
+            raise ValueError(f"key {self.name!r}: sha256 must be 64 lower-case hex digits")
+        if self.period not in PERIODS:
+            raise ValueError(f"key {self.name!r}: period must be one of {', '.join(PERIODS)}, got {self.period!r}")
+        if self.budget_usd is not None:
+            object.__setattr__(self, "budget_usd", Decimal(str(self.budget_usd)))
+
+    @property
+    def tag(self) -> str:
+        """The ledger tag every request made with this key carries (``key:<name>``)."""
+        return TAG_PREFIX + self.name
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget on this key's tag, if it has one."""
+        return None if self.budget_usd is None else Budget(self.budget_usd, self.period, self.tag)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "sha256": self.sha256}
+        if self.budget_usd is not None:
+            out |= {"budget_usd": str(self.budget_usd), "period": self.period}
+        if self.tags:
+            out["tags"] = sorted(self.tags)
+        return out
+
+
+class ServerKeys:
+    """The server's client keys. Empty means no authentication (see :func:`router.server.create_app`)."""
+
+    def __init__(self, entries: Iterable[ServerKey] = ()) -> None:
+        self._entries: list[ServerKey] = []
+        for entry in entries:
+            self._append(entry)
+
+    def _append(self, entry: ServerKey) -> None:
+        if any(e.name == entry.name for e in self._entries):
+            raise ValueError(f"duplicate key name {entry.name!r}")
+        if any(hmac.compare_digest(e.sha256, entry.sha256) for e in self._entries):
+            raise ValueError(f"key {entry.name!r} has the same key as another entry")
+        self._entries.append(entry)
+
+    def add(self, name: str, key: str | None = None, *, budget_usd: Decimal | str | float | None = None,
+            period: Period = "month", tags: Iterable[str] = ()) -> str:
+        """Add a client; returns its key (a new random one unless ``key`` is given). Only the hash is kept."""
+        key = key or new_key()
+        if len(key) < 16:
+            raise ValueError("a client key must be at least 16 characters")
+        budget = None if budget_usd is None else Decimal(str(budget_usd))
+        self._append(ServerKey(name, hash_key(key), budget, period, frozenset(tags)))
+        return key
+
+    def verify(self, key: str) -> ServerKey | None:
+        """The entry whose key is ``key``, or None. Compares against every entry in constant time."""
+        digest = hash_key(key)
+        found: ServerKey | None = None
+        for entry in self._entries:
+            if hmac.compare_digest(entry.sha256, digest):
+                found = entry
+        return found
+
+    def apply_budgets(self, ledger: Ledger) -> None:
+        """Make ``ledger``'s key budgets (those on ``key:<name>`` tags) exactly the ones these keys set.
+
+        A budget left in a ledger file by a key since removed or changed in the key file is dropped.
+        """
+        wanted = {(b.period, b.tag): b for e in self._entries if (b := e.budget) is not None}
+        for old in ledger.budgets():
+            if old.tag is not None and old.tag.startswith(TAG_PREFIX) and (old.period, old.tag) not in wanted:
+                ledger.remove_budget(old.period, old.tag)
+        for budget in wanted.values():
+            ledger.set_budget(budget)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[ServerKey]:
+        return iter(self._entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    # --- files ------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServerKeys:
+        """Read a key file (``.toml``, ``.yaml`` or ``.yml``); errors name the file and the entry."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = tomllib.loads(text)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable key file ({type(exc).__name__})") from None
+        rows = data.get("keys", []) if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a list under 'keys'")
+        entries = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: keys[{i}] must be a table")
+            unknown = set(row) - {"name", "sha256", "budget_usd", "period", "tags"}
+            if unknown:
+                raise ValueError(f"{path}: keys[{i}]: unknown fields {sorted(unknown)}")
+            try:
+                budget = row.get("budget_usd")
+                entries.append(ServerKey(
+                    name=str(row.get("name", "")), sha256=str(row.get("sha256", "")).lower(),
+                    budget_usd=None if budget is None else Decimal(str(budget)),
+                    period=row.get("period", "month"), tags=frozenset(row.get("tags", ())),
+                ))
+            except (ValueError, ArithmeticError) as exc:
+                raise ValueError(f"{path}: keys[{i}]: {exc}") from None
+        return cls(entries)
+
+    def to_toml(self) -> str:
+        """The key file in TOML (digests only)."""
+        return "".join(_toml_entry(e) for e in self._entries)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the key file as TOML, or YAML for a ``.yaml``/``.yml`` path."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump({"keys": [e.to_dict() for e in self._entries]}, sort_keys=False)
+        else:
+            text = self.to_toml()
+        path.write_text(text, encoding="utf-8")
+        return path
+
+
+def _toml_entry(entry: ServerKey) -> str:
+    lines = ["[[keys]]", f'name = "{entry.name}"', f'sha256 = "{entry.sha256}"']
+    if entry.budget_usd is not None:
+        lines += [f'budget_usd = "{entry.budget_usd}"', f'period = "{entry.period}"']
+    if entry.tags:
+        lines.append("tags = [" + ", ".join(_toml_str(t) for t in sorted(entry.tags)) + "]")
+    return "\n".join(lines) + "\n\n"
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m router.keys NAME [--budget USD --period day] [--file keys.toml]``: make a key.
+
+    Prints the new key once (hand it to the client) and the entry to add to the key file,
+    or appends the entry to ``--file``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m router.keys", description="make a client key for the server")
+    parser.add_argument("name")
+    parser.add_argument("--budget", type=Decimal, help="budget in USD on this key's spend")
+    parser.add_argument("--period", choices=PERIODS, default="month")
+    parser.add_argument("--tag", action="append", default=[], help="an extra ledger tag (repeat for several)")
+    parser.add_argument("--file", type=Path, help="append the entry to this key file (TOML or YAML)")
+    ns = parser.parse_args(argv)
+    keys = ServerKeys.from_file(ns.file) if ns.file and ns.file.exists() else ServerKeys()
+    key = keys.add(ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag)
+    if ns.file:
+        keys.save(ns.file)
+        print(f"added {ns.name!r} to {ns.file}", file=sys.stderr)
+    else:
+        print(ServerKeys([list(keys)[-1]]).to_toml(), end="", file=sys.stderr)
+    print(key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
