@@ -111,8 +111,9 @@ class BudgetExceeded(ImageRouterError):
 
     disposition = Disposition.FATAL
 
-    def __init__(self, message: str, *, budget: str | None = None, **kw: Any) -> None:
+    def __init__(self, message: str, *, budget: str | None = None, decision: Any = None, **kw: Any) -> None:
         self.budget = budget
+        self.decision = decision
         super().__init__(message, **kw)
 
 
@@ -170,9 +171,10 @@ class DeadlineExceeded(ImageRouterError):
 
     disposition = Disposition.FATAL
 
-    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), **kw: Any) -> None:
+    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), decision: Any = None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.attempts = list(attempts)
+        self.decision = decision
 
 
 class NoRouteError(ImageRouterError):

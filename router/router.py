@@ -94,6 +94,7 @@ class AsyncRouter:
             self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))
         for budget in budgets:
             self.ledger.set_budget(budget)
+        self._max_retries = max_retries
         self.max_retries = self.policy.max_retries if max_retries is None else max_retries
         self.backoff = backoff
         self.max_retry_after_s = max_retry_after_s
@@ -185,9 +186,17 @@ class AsyncRouter:
                 self._tracing.routed(span, len(decision.chain))
                 if not decision.chain:
                     reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
+                    offered = [r for r in decision.rejections if r.code != "not-configured"]
+                    if offered and all(r.code == "budget" for r in offered):
+                        raise BudgetExceeded(f"every backend that could serve this {req.task} request is over "
+                                             f"budget ({reasons})", decision=decision, request_id=request_id)
                     raise NoRouteError(
                         f"no provider can serve this {req.task} request ({reasons or 'none registered'})",
                         decision=decision, request_id=request_id)
+                if decision.residency is not None and decision.residency != req.constraints.residency:
+                    # A policy's residency must reach the providers too: they pick regional hosts from it.
+                    constraints = req.constraints.model_copy(update={"residency": decision.residency})
+                    walk.request = req = req.model_copy(update={"constraints": constraints})
                 for rank, cand in enumerate(decision.chain):
                     response = await walk.try_candidate(cand, rank)
                     if response is not None:
@@ -277,7 +286,8 @@ class _Walk:
         return None
 
     def _stop(self, state: RetryCallState) -> bool:
-        if state.attempt_number > self.r.max_retries:
+        limit = self.policy.max_retries if self.r._max_retries is None else self.r._max_retries
+        if state.attempt_number > limit:
             return True
         wait = state.upcoming_sleep
         exc = state.outcome.exception() if state.outcome else None
@@ -358,6 +368,9 @@ class _Walk:
             return self._attach(self.errors[-1])
         trail = "; ".join(f"{a.provider}/{a.model}: {a.error} ({a.message})" for a in self.attempts
                           if a.outcome != "success")
+        if self.remaining() <= 0:
+            return DeadlineExceeded(f"the request's deadline passed: {trail}", attempts=self.attempts,
+                                    decision=decision, request_id=self.request_id)
         return AllProvidersFailed(f"every provider failed: {trail}", attempts=self.attempts, decision=decision,
                                   request_id=self.request_id)
 

@@ -363,7 +363,7 @@ def test_metrics_count_requests_errors_cost_and_images(served: Served) -> None:
     for status in ("200", "401", "429", "400"):
         assert delta("imagerouter_http_requests_total", endpoint=gen, method="POST", status=status) == 1
     assert delta("imagerouter_errors_total", error="InvalidAPIKey") == 1
-    assert delta("imagerouter_errors_total", error="NoRouteError") == 1  # the budget filter left no route
+    assert delta("imagerouter_errors_total", error="BudgetExceeded") == 1  # the budget filter left no route
     assert delta("imagerouter_errors_total", error="InvalidRequest") == 1
     assert delta("imagerouter_images_total", provider="openai") == 2
     assert delta("imagerouter_cost_usd_total", provider="openai") == pytest.approx(cost)
