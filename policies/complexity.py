@@ -55,6 +55,7 @@ prints the means and the feature accuracy per tag).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -142,8 +143,9 @@ def tier_of(score: float) -> Tier:
     return "low" if score < LOW_MAX else "high" if score >= HIGH_MIN else "medium"
 
 
+@functools.lru_cache(maxsize=4096)
 def score_prompt(prompt: str) -> PromptComplexity:
-    """Score a prompt's complexity; pure and deterministic."""
+    """Score a prompt's complexity; pure and deterministic (so repeated prompts are answered from a cache)."""
     features = extract_features(prompt)
     score = round(min(1.0, max(0.0, sum(features.terms().values()))), 3)
     return PromptComplexity(score=score, tier=tier_of(score), features=features)

@@ -13,6 +13,8 @@ class LatencyStats:
         self.window = window
         self.min_samples = min_samples
         self._samples: dict[tuple[str, str], deque[float]] = {}
+        self._medians: dict[tuple[str, str], float] = {}
+        """Medians read since the last sample (routing asks for them on every request)."""
 
     def record(self, provider: str, model: str, seconds: float) -> None:
         key = (provider, model)
@@ -20,13 +22,19 @@ class LatencyStats:
         if samples is None:
             samples = self._samples[key] = deque(maxlen=self.window)
         samples.append(seconds)
+        self._medians.pop(key, None)
 
     def p50(self, provider: str, model: str) -> float | None:
         """The median, once ``min_samples`` are in; else None (the engine uses the prior)."""
-        samples = self._samples.get((provider, model))
+        key = (provider, model)
+        cached = self._medians.get(key)
+        if cached is not None:
+            return cached
+        samples = self._samples.get(key)
         if samples is None or len(samples) < self.min_samples:
             return None
-        return median(samples)
+        value = self._medians[key] = median(samples)
+        return value
 
     def p95(self, provider: str, model: str) -> float | None:
         samples = self._samples.get((provider, model))

@@ -35,6 +35,7 @@ WAL needs a local filesystem: do not share a ledger file over NFS/SMB.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -179,6 +180,8 @@ class Ledger:
         self.reservation_ttl_s = reservation_ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._budget_cache: list[Budget] | None = None
+        self._data_version = -1
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(
@@ -217,10 +220,20 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
+    def _budgets(self, c: sqlite3.Connection) -> list[Budget]:
+        """The budgets, re-read only when another connection changed the database (``data_version``)
+        or this one changed a budget. Call with ``self._lock`` held."""
+        version = c.execute("PRAGMA data_version").fetchone()[0]
+        if self._budget_cache is None or version != self._data_version:
+            self._budget_cache = _load_budgets(c)
+            self._data_version = version
+        return self._budget_cache
+
     # --- budgets ------------------------------------------------------------------
 
     def set_budget(self, budget: Budget) -> None:
         """Add ``budget``, or replace the limit of the one with its period and tag."""
+        self._budget_cache = None
         with self._tx() as c:
             c.execute(
                 "INSERT INTO budgets (period, tag, limit_usd) VALUES (?, ?, ?)"
@@ -230,6 +243,7 @@ class Ledger:
 
     def remove_budget(self, period: Period, tag: str | None = None) -> None:
         """Remove the budget on ``period`` and ``tag`` (None: the one on every request), if any."""
+        self._budget_cache = None
         with self._tx() as c:
             c.execute("DELETE FROM budgets WHERE period = ? AND tag = ?", (period, tag or ""))
 
@@ -246,8 +260,11 @@ class Ledger:
         """
         tagset = _tags(tags)
         now = self._clock()
+        with self._lock:
+            if not any(_applies(b, tagset) for b in self._budgets(self._conn)):
+                return None  # the common case, answered without a transaction
         with self._tx("DEFERRED") as c:
-            usage = [self._usage(c, b, now) for b in _load_budgets(c) if _applies(b, tagset)]
+            usage = [self._usage(c, b, now) for b in self._budgets(c) if _applies(b, tagset)]
         if not usage:
             return None
         return min(b.limit_usd - _usd(settled + reserved) for b, settled, reserved in usage)
@@ -267,7 +284,7 @@ class Ledger:
         now = self._clock()
         with self._tx() as c:
             worst: tuple[int, Budget, int, int] | None = None  # (overrun, budget, settled, reserved)
-            for budget in _load_budgets(c):
+            for budget in self._budgets(c):
                 if _applies(budget, tagset):
                     _, settled, reserved = self._usage(c, budget, now)
                     over = settled + reserved + nano - _nano(budget.limit_usd, "limit", ROUND_FLOOR)
@@ -310,14 +327,13 @@ class Ledger:
         now = self._clock()
         blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
         with self._tx() as c:
-            created = self._close(c, reservation)
-            c.execute(
+            row = c.execute(
                 "UPDATE charges SET state = 'settled', actual_nano = ?, unit = ?, quantity = ?, details = ?,"
-                " closed = ? WHERE id = ?",
-                (nano, unit, str(quantity), blob, now, reservation.id),
-            )
-            rows = c.execute("SELECT tag FROM charge_tags WHERE charge_id = ?", (reservation.id,)).fetchall()
-            tags = ["", *(t for (t,) in rows)]
+                " closed = ? WHERE id = ? AND request_id = ? AND state = 'open' RETURNING created",
+                (nano, unit, str(quantity), blob, now, reservation.id, reservation.request_id),
+            ).fetchone()
+            created = float(row[0]) if row is not None else self._close(c, reservation)  # _close says why not
+            tags = ["", *reservation.tags]
             c.executemany(_ADD_TOTAL, [(_bucket(p, created), t, nano) for p in PERIODS for t in tags])
 
     def release(self, reservation: Reservation, *, reason: str = "") -> None:
@@ -499,9 +515,12 @@ def _day(ts: float) -> int:
 
 
 def _bucket(period: Period, ts: float) -> str:
-    if period == "total":
-        return "total"
-    d = _EPOCH + timedelta(days=_day(ts))
+    return "total" if period == "total" else _day_bucket(period, _day(ts))
+
+
+@functools.lru_cache(maxsize=64)
+def _day_bucket(period: Period, day: int) -> str:
+    d = _EPOCH + timedelta(days=day)
     return f"day:{d.isoformat()}" if period == "day" else f"month:{d:%Y-%m}"
 
 

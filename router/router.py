@@ -218,14 +218,18 @@ class AsyncRouter:
 
     # --- retry timing ----------------------------------------------------------------
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _delay(self, calls: int, exc: BaseException | None) -> float:
+        """The wait before the next call after ``calls`` failed ones: Retry-After, else jittered backoff."""
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             return float(retry_after)
         base, cap = self.backoff
-        ceiling = min(cap, base * 2 ** (state.attempt_number - 1))
+        ceiling = min(cap, base * 2 ** (calls - 1))
         return ceiling * (0.5 + 0.5 * self._rng())
+
+
+def _exception(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
 
 
 class _Walk:
@@ -254,27 +258,29 @@ class _Walk:
         if not r.breaker.available(provider.name):
             self._record(cand, "skipped", 0.0, error=ProviderUnavailable("circuit open", provider=provider.name))
             return None
-        retrying = AsyncRetrying(
-            stop=self._stop,
-            wait=r._wait,
-            retry=retry_if_exception(lambda e: isinstance(e, ImageRouterError)
-                                     and e.disposition is Disposition.RETRY),
-            sleep=r._sleep,
-            reraise=True,
-        )
-        tracing = r._tracing
         try:
+            # The common case, one successful call, runs without the retry machinery.
+            try:
+                return await self._attempt(provider, cand, rank, retry=0)
+            except ImageRouterError as exc:
+                if exc.disposition is not Disposition.RETRY:
+                    raise
+                wait = r._delay(1, exc)
+                if self._give_up(1, wait, exc):
+                    raise
+                await r._sleep(wait)
+            # tenacity numbers the retries from 1; one call has been made already.
+            retrying = AsyncRetrying(
+                stop=lambda s: self._give_up(s.attempt_number + 1, s.upcoming_sleep, _exception(s)),
+                wait=lambda s: r._delay(s.attempt_number + 1, _exception(s)),
+                retry=retry_if_exception(lambda e: isinstance(e, ImageRouterError)
+                                         and e.disposition is Disposition.RETRY),
+                sleep=r._sleep,
+                reraise=True,
+            )
             async for attempt in retrying:
-                self.calls += 1
-                with attempt, tracing.attempt(
-                    provider=provider.name, provider_kind=provider.kind, model=cand.model,
-                    request_id=self.request_id, rank=rank, number=self.calls,
-                    retry=attempt.retry_state.attempt_number - 1, estimated_usd=cand.estimate.cost_usd,
-                    seed=self.request.seed,
-                ) as span:
-                    response = await self._call(provider, cand, attempt.retry_state.attempt_number - 1)
-                    tracing.attempt_done(span, response)
-                    return response
+                with attempt:
+                    return await self._attempt(provider, cand, rank, retry=attempt.retry_state.attempt_number)
         except ImageRouterError as exc:
             self.errors.append(exc)
             if isinstance(exc, BudgetExceeded):
@@ -285,12 +291,23 @@ class _Walk:
                 raise self._attach(exc) from None
         return None
 
-    def _stop(self, state: RetryCallState) -> bool:
+    async def _attempt(self, provider: Provider, cand: RankedCandidate, rank: int, retry: int) -> ProviderResponse:
+        """One call of ``provider`` in its own attempt span."""
+        self.calls += 1
+        tracing = self.r._tracing
+        with tracing.attempt(
+            provider=provider.name, provider_kind=provider.kind, model=cand.model, request_id=self.request_id,
+            rank=rank, number=self.calls, retry=retry, estimated_usd=cand.estimate.cost_usd, seed=self.request.seed,
+        ) as span:
+            response = await self._call(provider, cand, retry)
+            tracing.attempt_done(span, response)
+            return response
+
+    def _give_up(self, calls: int, wait: float, exc: BaseException | None) -> bool:
+        """Whether to stop retrying a candidate after ``calls`` failed calls, the next one ``wait`` s away."""
         limit = self.policy.max_retries if self.r._max_retries is None else self.r._max_retries
-        if state.attempt_number > limit:
+        if calls > limit:
             return True
-        wait = state.upcoming_sleep
-        exc = state.outcome.exception() if state.outcome else None
         if getattr(exc, "retry_after", None) is not None and wait > self.r.max_retry_after_s:
             return True  # told to wait longer than we are willing to: fall back instead
         return self.r._clock() + wait >= self.deadline
