@@ -282,6 +282,12 @@ class Ledger:
         nano = _nano(amount, "amount", ROUND_CEILING)
         tagset = _tags(tags)
         now = self._clock()
+        if not tagset:
+            with self._lock:
+                if not self._budgets(self._conn):  # no budget to check: one INSERT is atomic on its own
+                    charge_id = self._insert_charge(self._conn, request_id, provider, model, nano, now)
+                    return Reservation(id=charge_id, request_id=request_id, provider=provider, model=model,
+                                       amount=_usd(nano), tags=(), created=datetime.fromtimestamp(now, UTC))
         with self._tx() as c:
             worst: tuple[int, Budget, int, int] | None = None  # (overrun, budget, settled, reserved)
             for budget in self._budgets(c):
@@ -298,19 +304,24 @@ class Ledger:
                     budget=budget.name,
                     request_id=request_id,
                 )
-            cur = c.execute(
-                "INSERT INTO charges (request_id, provider, model, reserved_nano, state, created)"
-                " VALUES (?, ?, ?, ?, 'open', ?)",
-                (request_id, provider, model, nano, now),
-            )
-            charge_id = cur.lastrowid
-            assert charge_id is not None
+            charge_id = self._insert_charge(c, request_id, provider, model, nano, now)
             if tagset:
                 c.executemany("INSERT INTO charge_tags VALUES (?, ?)", [(charge_id, t) for t in tagset])
         return Reservation(
             id=charge_id, request_id=request_id, provider=provider, model=model, amount=_usd(nano),
             tags=tagset, created=datetime.fromtimestamp(now, UTC),
         )
+
+    @staticmethod
+    def _insert_charge(c: sqlite3.Connection, request_id: str, provider: str, model: str, nano: int,
+                       now: float) -> int:
+        cur = c.execute(
+            "INSERT INTO charges (request_id, provider, model, reserved_nano, state, created)"
+            " VALUES (?, ?, ?, ?, 'open', ?)",
+            (request_id, provider, model, nano, now),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
     def settle(
         self,
