@@ -63,7 +63,7 @@ UNTAGGED = "(untagged)"  # the report's tag key for charges that carry no tag
 _SCALE = 10**9  # nano-dollars per dollar
 _DAY_S = 86_400
 _EPOCH = date(1970, 1, 1)
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: totals kept by a trigger on settling
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS budgets (
         period TEXT NOT NULL CHECK (period IN ('day', 'month', 'total')),
@@ -95,6 +95,21 @@ _SCHEMA = (
         usd_nano INTEGER NOT NULL,
         requests INTEGER NOT NULL,
         PRIMARY KEY (bucket, tag)) WITHOUT ROWID""",
+    # Settling a charge adds it to its day, month and total, untagged and under each tag, in the same
+    # statement: one UPDATE settles atomically with no transaction around it.
+    """CREATE TRIGGER IF NOT EXISTS charges_settled AFTER UPDATE OF state ON charges
+        WHEN NEW.state = 'settled' AND OLD.state = 'open'
+    BEGIN
+        INSERT INTO totals (bucket, tag, usd_nano, requests)
+        SELECT b.bucket, g.tag, NEW.actual_nano, 1
+        FROM (SELECT 'day:' || date(CAST(NEW.created / 86400 AS INTEGER) * 86400, 'unixepoch') AS bucket
+              UNION ALL SELECT 'month:' || strftime('%Y-%m', CAST(NEW.created / 86400 AS INTEGER) * 86400,
+                                                   'unixepoch')
+              UNION ALL SELECT 'total') AS b,
+             (SELECT '' AS tag UNION ALL SELECT tag FROM charge_tags WHERE charge_id = NEW.id) AS g
+        WHERE true
+        ON CONFLICT (bucket, tag) DO UPDATE SET usd_nano = usd_nano + excluded.usd_nano, requests = requests + 1;
+    END""",
 )
 
 _OPEN_ALL = "SELECT COALESCE(SUM(reserved_nano), 0) FROM charges WHERE state = 'open' AND created >= ? AND created > ?"
@@ -104,10 +119,6 @@ _OPEN_TAG = (
     " WHERE c.state = 'open' AND c.created >= ? AND c.created > ?"
 )
 _SETTLED = "SELECT usd_nano FROM totals WHERE bucket = ? AND tag = ?"
-_ADD_TOTAL = (
-    "INSERT INTO totals (bucket, tag, usd_nano, requests) VALUES (?, ?, ?, 1)"
-    " ON CONFLICT (bucket, tag) DO UPDATE SET usd_nano = usd_nano + excluded.usd_nano, requests = requests + 1"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,15 +348,14 @@ class Ledger:
         nano = _nano(actual_usd, "actual_usd", ROUND_HALF_EVEN)
         now = self._clock()
         blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
-        with self._tx() as c:
-            row = c.execute(
+        with self._lock:
+            row = self._conn.execute(
                 "UPDATE charges SET state = 'settled', actual_nano = ?, unit = ?, quantity = ?, details = ?,"
-                " closed = ? WHERE id = ? AND request_id = ? AND state = 'open' RETURNING created",
+                " closed = ? WHERE id = ? AND request_id = ? AND state = 'open' RETURNING id",
                 (nano, unit, str(quantity), blob, now, reservation.id, reservation.request_id),
             ).fetchone()
-            created = float(row[0]) if row is not None else self._close(c, reservation)  # _close says why not
-            tags = ["", *reservation.tags]
-            c.executemany(_ADD_TOTAL, [(_bucket(p, created), t, nano) for p in PERIODS for t in tags])
+            if row is None:
+                self._close(self._conn, reservation)  # raises, saying why
 
     def release(self, reservation: Reservation, *, reason: str = "") -> None:
         """Close ``reservation`` with no charge (the attempt failed or was cancelled).

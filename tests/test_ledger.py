@@ -448,3 +448,33 @@ def test_reservations_record_their_time(ledger: Ledger, clock: Clock) -> None:
     assert r.tags == ("a", "b")
     clock.advance(timedelta(days=1).total_seconds())
     assert reserve(ledger, "0.01").created.date().isoformat() == "2026-02-01"
+
+
+@pytest.mark.parametrize("ts", [0.5, 1_700_000_000.7, 1_767_225_599.9, 1_767_225_600.0])
+def test_settling_adds_to_the_same_buckets_the_budgets_read(ts: float) -> None:
+    from router.ledger import _bucket
+
+    ledger = Ledger(":memory:", clock=lambda: ts)
+    r = ledger.reserve(request_id="a", provider="p", model="m", amount=Decimal("0.01"), tags=["t1", "t2"])
+    ledger.settle(r, Decimal("0.02"))
+    rows = sorted(ledger._conn.execute("SELECT bucket, tag, usd_nano, requests FROM totals").fetchall())
+    assert rows == sorted((_bucket(p, ts), t, 20_000_000, 1) for p in ("day", "month", "total")
+                          for t in ("", "t1", "t2"))
+    with pytest.raises(ValueError, match="already settled"):
+        ledger.settle(r, Decimal("0.02"))
+    assert ledger.spent(["t1"], "day") == Decimal("0.02")
+
+
+def test_a_version_1_ledger_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    Ledger(path).close()
+    with sqlite3.connect(path) as conn:  # make it look like a v1 file: no trigger
+        conn.execute("DROP TRIGGER charges_settled")
+        conn.execute("PRAGMA user_version = 1")
+    ledger = Ledger(path)
+    r = ledger.reserve(request_id="a", provider="p", model="m", amount=Decimal("0.01"))
+    ledger.settle(r, Decimal("0.03"))
+    assert ledger.spent() == Decimal("0.03")
+    ledger.close()
