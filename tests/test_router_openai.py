@@ -328,3 +328,18 @@ async def test_module_level_agenerate(sandbox: OpenAISandbox, monkeypatch: pytes
     monkeypatch.setenv("OPENAI_BASE_URL", sandbox.base_url)
     result = await router.agenerate(ImageRequest(prompt="a cat", n=2))
     assert len(result.images) == 2 and sandbox.hits() == 1
+
+
+async def test_a_policy_given_per_call_sets_the_retries(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
+    from policies.policy import Policy
+
+    sandbox.faults.push(Fault.server_error(503), times=None)
+    sleeps = Sleeps()
+    router = make_router(provider(sandbox, "openai"), provider(sandbox2, "openai-backup"), sleep=sleeps,
+                         rng=lambda: 1.0)
+    async with router:
+        result = await router.agenerate("a cat", policy=Policy(name="no-retries", max_retries=0))
+        assert [a.provider for a in result.attempts] == ["openai", "openai-backup"] and not sleeps.waits
+        again = await router.agenerate("a cat", policy=Policy(name="one-retry", max_retries=1))
+    assert [a.provider for a in again.attempts] == ["openai", "openai", "openai-backup"]
+    assert sleeps.waits == [0.5]
