@@ -344,3 +344,11 @@ def test_capabilities_follow_the_catalog(assets: dict[str, dict[str, Path]]) -> 
     assert caps.max_loras == 4
     bare = LocalProvider({"m": {"path": "/m", "family": "sd15"}}, device="cpu").capabilities("m")
     assert "control" not in bare.tasks and not bare.control_kinds
+
+
+async def test_bad_local_options_are_typed_errors(assets: dict[str, dict[str, Path]]) -> None:
+    p = make_provider(assets, "sd15")
+    for options in ({"mask_blur": "soft"}, {"canny_low": -1}, {"padding_mask_crop": 1.5}):
+        with pytest.raises(InvalidRequestError, match=f"provider_options.local.{next(iter(options))}"):
+            await run(p, controls=[canny(64)], provider_options={"local": options})
+    await p.aclose()

@@ -204,7 +204,8 @@ class LocalProvider(Provider):
             scheduler=request.scheduler, strength=request.strength, init_image=init, mask_image=mask,
             safety_checker=bool(options.get("safety_checker", self.safety_checker)),
             deadline=time.monotonic() + timeout_s, controls=controls, loras=loras,
-            mask_blur=int(options.get("mask_blur", 0)), padding_mask_crop=options.get("padding_mask_crop"),
+            mask_blur=_int_option(options, "mask_blur", 0),
+            padding_mask_crop=_int_option(options, "padding_mask_crop", 0) or None,
             progress=self._progress(model),
         )
         try:
@@ -242,7 +243,7 @@ class LocalProvider(Provider):
                 f"{entry.name} has no ControlNet for {', '.join(missing)} (it has "
                 f"{', '.join(entry.controlnets) or 'none'}); add one under controlnets in the catalog or drop "
                 "that control", provider=self.name, code="control_kind_unavailable")
-        low, high = int(options.get("canny_low", 100)), int(options.get("canny_high", 200))
+        low, high = _int_option(options, "canny_low", 100), _int_option(options, "canny_high", 200)
         out = []
         for c in request.controls:
             image = decode(await load_bytes(c.image), what=f"controls[{c.kind}].image")
@@ -285,3 +286,12 @@ def base_task(request: ImageRequest) -> str:
     if request.mask_image is not None:
         return "inpaint"
     return "img2img" if request.init_image is not None else "txt2img"
+
+
+def _int_option(options: Mapping[str, Any], name: str, default: int) -> int:
+    """A whole-number ``provider_options.local`` value ≥ 0, or ``default`` when it is not given."""
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"provider_options.local.{name} must be a whole number ≥ 0, got {value!r}",
+                                  provider="local")
+    return value
