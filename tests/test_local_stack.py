@@ -352,3 +352,12 @@ async def test_bad_local_options_are_typed_errors(assets: dict[str, dict[str, Pa
         with pytest.raises(InvalidRequestError, match=f"provider_options.local.{next(iter(options))}"):
             await run(p, controls=[canny(64)], provider_options={"local": options})
     await p.aclose()
+
+
+def test_options_that_do_not_apply_are_named_in_the_warnings(assets: dict[str, dict[str, Path]]) -> None:
+    p = make_provider(assets, "sd15")
+    req = ImageRequest(prompt="x", width=64, height=64, provider_options={"local": {"mask_blur": 4, "canny_low": 50}})
+    warnings = p.plan(req, "tiny-sd15").warnings
+    assert any("mask_blur ignored" in w for w in warnings) and any("canny_low ignored" in w for w in warnings)
+    used = req.model_copy_validated(init_image=noise_png(64), mask_image=half_mask(64, 64), controls=[canny(64)])
+    assert not p.plan(used, "tiny-sd15").warnings

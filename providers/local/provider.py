@@ -14,7 +14,7 @@ from typing import Any
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
 from providers.local.catalog import Catalog, ModelEntry
-from providers.local.controls import control_map
+from providers.local.controls import COMPUTED, control_map
 from providers.local.loras import LoraFile, check_family, resolve
 from providers.local.worker import Control, DeviceWorker, Job, JobResult
 from router.errors import ImageRouterError, InvalidRequestError, ProviderUnavailable
@@ -113,13 +113,19 @@ class LocalProvider(Provider):
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
+        options = request.provider_options.get(self.name, {})
+        unused = [f"provider_options.local.{name} ignored: it applies to inpainting (give a mask_image)"
+                  for name in ("mask_blur", "padding_mask_crop") if name in options and request.mask_image is None]
+        unused += [f"provider_options.local.{name} ignored: no control of kind canny, scribble, lineart or softedge"
+                   for name in ("canny_low", "canny_high") if name in options and not any(
+                       c.kind in COMPUTED and c.preprocess for c in request.controls)]
         src = request.init_image
         if request.width is None and request.aspect_ratio is None and src is not None and src.width and src.height:
             size = plan_size(src.width, src.height, None, self.capabilities(model).sizes)
             note = () if size.exact else (f"output size {size.width}x{size.height}: the nearest shape {model} "
                                           f"makes to the init image's {src.width}x{src.height}",)
-            return Plan(size, base.warnings + note)
-        return base
+            return Plan(size, base.warnings + note + tuple(unused))
+        return Plan(base.size, base.warnings + tuple(unused)) if unused else base
 
     # --- cost and latency -------------------------------------------------------------
     @property
