@@ -361,3 +361,20 @@ def test_options_that_do_not_apply_are_named_in_the_warnings(assets: dict[str, d
     assert any("mask_blur ignored" in w for w in warnings) and any("canny_low ignored" in w for w in warnings)
     used = req.model_copy_validated(init_image=noise_png(64), mask_image=half_mask(64, 64), controls=[canny(64)])
     assert not p.plan(used, "tiny-sd15").warnings
+
+
+def test_a_float16_vae_that_upcasts_is_pointed_out(assets: dict[str, dict[str, Path]],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from providers.local import ModelEntry
+    from providers.local.pipelines import PipelineCache
+
+    entry = ModelEntry.from_dict("xl", {"path": str(assets["sdxl"]["model"]), "family": "sdxl"})
+    with caplog.at_level("INFO", logger="imagerouter"):
+        PipelineCache("cpu", dtype=torch.float16).base(entry)
+    assert "fp16-fix VAE" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="imagerouter"):
+        PipelineCache("cpu").base(entry)  # float32: nothing to say
+    assert "fp16-fix" not in caplog.text
