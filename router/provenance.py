@@ -177,7 +177,7 @@ def _json(record: Mapping[str, Any]) -> str:
 
 
 def embed(data: bytes, record: Mapping[str, Any]) -> bytes:
-    """``data`` (PNG or JPEG bytes) with ``record`` written in; other formats come back unchanged.
+    """``data`` (PNG, JPEG or WEBP bytes) with ``record`` written in; other formats come back unchanged.
 
     Raises ValueError for a file too damaged to splice into.
     """
@@ -185,6 +185,8 @@ def embed(data: bytes, record: Mapping[str, Any]) -> bytes:
         return _embed_png(data, record)
     if data.startswith(b"\xff\xd8"):
         return _embed_jpeg(data, record)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _embed_webp(data, record)
     return data
 
 
@@ -313,6 +315,56 @@ def _embed_jpeg(data: bytes, record: Mapping[str, Any]) -> bytes:
     return data[:2] + b"".join(kept[:insert_at] + [s for s in new if s] + kept[insert_at:]) + data[scan:]
 
 
+def _webp_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (FourCC, payload) chunks of a RIFF/WEBP file."""
+    chunks, pos = [], 12
+    while pos + 8 <= len(data):
+        fourcc, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if pos + 8 + size > len(data):
+            raise ValueError("WEBP chunk runs past the end of the file")
+        chunks.append((fourcc, data[pos + 8:pos + 8 + size]))
+        pos += 8 + size + (size & 1)
+    return chunks
+
+
+def _webp_chunk(fourcc: bytes, payload: bytes) -> bytes:
+    return fourcc + struct.pack("<I", len(payload)) + payload + (b"\0" if len(payload) & 1 else b"")
+
+
+def _webp_size(fourcc: bytes, payload: bytes) -> tuple[int, int, bool]:
+    """Canvas width, height and whether it has alpha, from a simple file's one image chunk."""
+    if fourcc == b"VP8L" and len(payload) >= 5 and payload[0] == 0x2F:
+        bits = int.from_bytes(payload[1:5], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    if fourcc == b"VP8 " and len(payload) >= 10 and payload[3:6] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", payload[6:10])
+        return w & 0x3FFF, h & 0x3FFF, False
+    raise ValueError(f"not a WEBP image chunk: {fourcc!r}")
+
+
+def _embed_webp(data: bytes, record: Mapping[str, Any]) -> bytes:
+    """The record as an XMP chunk; a simple (VP8/VP8L) file becomes an extended (VP8X) one. Image data is kept."""
+    chunks = [(c, body) for c, body in _webp_chunks(data) if c != b"XMP "]
+    if chunks and chunks[0][0] == b"VP8X":
+        vp8x = chunks[0][1]
+        chunks[0] = (b"VP8X", bytes([vp8x[0] | 0x04]) + vp8x[1:])  # flag: XMP present
+    elif len(chunks) == 1:
+        width, height, alpha = _webp_size(*chunks[0])
+        flags = 0x04 | (0x10 if alpha else 0)
+        chunks.insert(0, (b"VP8X", bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little")
+                          + (height - 1).to_bytes(3, "little")))
+    else:
+        raise ValueError("unexpected WEBP layout: several chunks without a VP8X header")
+    chunks.append((b"XMP ", _xmp(record)))
+    body = b"WEBP" + b"".join(_webp_chunk(c, payload) for c, payload in chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _xmp_json(payload: bytes) -> str | None:
+    m = re.search(rb"<imagerouter:provenance>(.*?)</imagerouter:provenance>", payload, re.S)
+    return html.unescape(m.group(1).decode("utf-8")) if m else None
+
+
 # --- reading -------------------------------------------------------------------------------
 
 
@@ -327,6 +379,9 @@ def read_provenance(source: str | os.PathLike[str] | bytes) -> dict[str, Any]:
         texts = _png_texts(data)
     elif data.startswith(b"\xff\xd8"):
         texts = _jpeg_texts(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        found = [_xmp_json(body) for c, body in _webp_chunks(data) if c == b"XMP "]
+        texts = {JSON_KEY: found[0]} if found and found[0] is not None else {}
     if JSON_KEY in texts:
         value = json.loads(texts[JSON_KEY])
         return value if isinstance(value, dict) else {}
@@ -362,9 +417,9 @@ def _jpeg_texts(data: bytes) -> dict[str, str]:
         if marker != 0xE1:
             continue
         if payload.startswith(_XMP_ID):
-            m = re.search(rb"<imagerouter:provenance>(.*?)</imagerouter:provenance>", payload, re.S)
-            if m:
-                out[JSON_KEY] = html.unescape(m.group(1).decode("utf-8"))
+            found = _xmp_json(payload)
+            if found is not None:
+                out[JSON_KEY] = found
         elif payload.startswith(_EXIF_ID):
             exif = Image.Exif()
             exif.load(payload)

@@ -149,10 +149,19 @@ async def test_a_routed_jpeg_carries_exif_and_xmp(sandbox: OpenAISandbox, tmp_pa
     assert pixels(path.read_bytes()) == pixels(image.data)  # nothing re-encoded
 
 
-def test_webp_is_written_unchanged(tmp_path: Path) -> None:
-    data = encoded("RGB", "WEBP")
+@pytest.mark.parametrize("mode,kw", [("RGB", {"quality": 80}), ("RGB", {"lossless": True}),
+                                     ("RGBA", {"lossless": True}), ("RGBA", {"quality": 70})])
+def test_webp_carries_the_record_in_xmp_with_the_image_data_untouched(tmp_path: Path, mode: str,
+                                                                      kw: dict[str, Any]) -> None:
+    data = encoded(mode, "WEBP", **kw)
     image = GeneratedImage(data=data, mime="image/webp", width=64, height=48, provenance=RECORD)
-    assert image.save(tmp_path / "x").read_bytes() == data
+    path = image.save(tmp_path / "x")
+    assert read_provenance(path) == json.loads(json.dumps(RECORD, default=str))
+    assert b"imagerouter:provenance" in Image.open(path).info["xmp"]
+    assert pixels(path.read_bytes()) == pixels(data)  # the VP8/VP8L data is copied, not re-encoded
+    again = GeneratedImage(data=path.read_bytes(), mime="image/webp", width=64, height=48, provenance=RECORD)
+    assert again.save(tmp_path / "y").read_bytes() == path.read_bytes()  # one XMP chunk, replaced
+    assert image.save(tmp_path / "z", metadata=False).read_bytes() == data
 
 
 @pytest.mark.parametrize("mode,kw", [("RGB", {}), ("RGBA", {}), ("L", {}), ("I;16", {}), ("1", {}),

@@ -249,7 +249,7 @@ def test_sync_router_generates_from_plain_code(sandbox: OpenAISandbox, tmp_path)
 
     with Router([provider(sandbox)], ledger=":memory:") as router:
         result = router.generate("a cat", width=1024, height=1024, output_format="webp")
-    path = result.images[0].save(tmp_path / "cat")
+    path = result.images[0].save(tmp_path / "cat", metadata=False)
     assert path.suffix == ".webp" and path.read_bytes() == result.images[0].data
     assert list(tmp_path.iterdir()) == [path]  # no partial files left behind
 
