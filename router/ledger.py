@@ -36,6 +36,7 @@ WAL needs a local filesystem: do not share a ledger file over NFS/SMB.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -119,6 +120,15 @@ _OPEN_TAG = (
     " WHERE c.state = 'open' AND c.created >= ? AND c.created > ?"
 )
 _SETTLED = "SELECT usd_nano FROM totals WHERE bucket = ? AND tag = ?"
+_INSERT_CHARGE = (
+    "INSERT INTO charges (id, request_id, provider, model, reserved_nano, state, created)"
+    " VALUES (?, ?, ?, ?, ?, 'open', ?)"
+)
+_SETTLE = (
+    "UPDATE charges SET state = 'settled', actual_nano = ?, unit = ?, quantity = ?, details = ?, closed = ?"
+    " WHERE id = ? AND request_id = ? AND state = 'open'"
+)
+_MAX_PENDING = 512  # queued writes applied at once, at the latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +203,12 @@ class Ledger:
         self._lock = threading.Lock()
         self._budget_cache: list[Budget] | None = None
         self._data_version = -1
+        # An in-memory ledger has no other reader and nothing to lose in a crash, so the writes of
+        # requests no budget watches are queued and applied in one batch before anything reads.
+        self._write_behind = self.path == ":memory:"
+        self._pending: list[tuple[str, tuple[object, ...]]] = []
+        self._queued_open: dict[int, str] = {}
+        self._next_id = 0
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(
@@ -217,11 +233,12 @@ class Ledger:
             for statement in _SCHEMA:
                 c.execute(statement)
             c.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self._next_id = c.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM charges").fetchone()[0]
 
     @contextmanager
     def _tx(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
         with self._lock:
-            conn = self._conn
+            conn = self._flushed()
             conn.execute(f"BEGIN {mode}")
             try:
                 yield conn
@@ -231,9 +248,27 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
+    def _flushed(self) -> sqlite3.Connection:
+        """The connection, with every queued write applied (in its own transaction). Call with the lock held."""
+        conn = self._conn
+        if self._pending:
+            pending, self._pending = self._pending, []
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
+                conn.executemany(sql, [params for _, params in group])
+            conn.execute("COMMIT")
+        return conn
+
+    def _queue(self, sql: str, params: tuple[object, ...]) -> None:
+        self._pending.append((sql, params))
+        if len(self._pending) >= _MAX_PENDING:
+            self._flushed()
+
     def _budgets(self, c: sqlite3.Connection) -> list[Budget]:
-        """The budgets, re-read only when another connection changed the database (``data_version``)
-        or this one changed a budget. Call with ``self._lock`` held."""
+        """The budgets, re-read only when this connection changed a budget or another one changed the
+        database (``data_version``). Call with ``self._lock`` held."""
+        if self._write_behind and self._budget_cache is not None:
+            return self._budget_cache  # an in-memory database has no other connection to change it
         version = c.execute("PRAGMA data_version").fetchone()[0]
         if self._budget_cache is None or version != self._data_version:
             self._budget_cache = _load_budgets(c)
@@ -296,7 +331,12 @@ class Ledger:
         if not tagset:
             with self._lock:
                 if not self._budgets(self._conn):  # no budget to check: one INSERT is atomic on its own
-                    charge_id = self._insert_charge(self._conn, request_id, provider, model, nano, now)
+                    if self._write_behind:
+                        charge_id, self._next_id = self._next_id, self._next_id + 1
+                        self._queue(_INSERT_CHARGE, (charge_id, request_id, provider, model, nano, now))
+                        self._queued_open[charge_id] = request_id
+                    else:
+                        charge_id = self._insert_charge(self._conn, request_id, provider, model, nano, now)
                     return Reservation(id=charge_id, request_id=request_id, provider=provider, model=model,
                                        amount=_usd(nano), tags=(), created=datetime.fromtimestamp(now, UTC))
         with self._tx() as c:
@@ -323,15 +363,11 @@ class Ledger:
             tags=tagset, created=datetime.fromtimestamp(now, UTC),
         )
 
-    @staticmethod
-    def _insert_charge(c: sqlite3.Connection, request_id: str, provider: str, model: str, nano: int,
+    def _insert_charge(self, c: sqlite3.Connection, request_id: str, provider: str, model: str, nano: int,
                        now: float) -> int:
-        cur = c.execute(
-            "INSERT INTO charges (request_id, provider, model, reserved_nano, state, created)"
-            " VALUES (?, ?, ?, ?, 'open', ?)",
-            (request_id, provider, model, nano, now),
-        )
+        cur = c.execute(_INSERT_CHARGE, (None, request_id, provider, model, nano, now))  # after a flush: no clash
         assert cur.lastrowid is not None
+        self._next_id = cur.lastrowid + 1
         return cur.lastrowid
 
     def settle(
@@ -348,14 +384,15 @@ class Ledger:
         nano = _nano(actual_usd, "actual_usd", ROUND_HALF_EVEN)
         now = self._clock()
         blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
+        values = (nano, unit, str(quantity), blob, now, reservation.id, reservation.request_id)
         with self._lock:
-            row = self._conn.execute(
-                "UPDATE charges SET state = 'settled', actual_nano = ?, unit = ?, quantity = ?, details = ?,"
-                " closed = ? WHERE id = ? AND request_id = ? AND state = 'open' RETURNING id",
-                (nano, unit, str(quantity), blob, now, reservation.id, reservation.request_id),
-            ).fetchone()
-            if row is None:
-                self._close(self._conn, reservation)  # raises, saying why
+            if self._queued_open.get(reservation.id) == reservation.request_id:
+                del self._queued_open[reservation.id]
+                self._queue(_SETTLE, values)
+                return
+            conn = self._flushed()
+            if conn.execute(_SETTLE + " RETURNING id", values).fetchone() is None:
+                self._close(conn, reservation)  # raises, saying why
 
     def release(self, reservation: Reservation, *, reason: str = "") -> None:
         """Close ``reservation`` with no charge (the attempt failed or was cancelled).
@@ -364,6 +401,7 @@ class Ledger:
         blob = json.dumps({"reason": reason}) if reason else None
         with self._tx() as c:
             self._close(c, reservation)
+            self._queued_open.pop(reservation.id, None)
             c.execute(
                 "UPDATE charges SET state = 'released', details = ?, closed = ? WHERE id = ?",
                 (blob, now, reservation.id),
@@ -463,7 +501,7 @@ class Ledger:
     def close(self) -> None:
         """Close the database; the ledger cannot be used afterwards."""
         with self._lock:
-            self._conn.close()
+            self._flushed().close()
 
     def __enter__(self) -> Ledger:
         return self

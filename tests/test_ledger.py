@@ -478,3 +478,34 @@ def test_a_version_1_ledger_file_is_upgraded_in_place(tmp_path: Path) -> None:
     ledger.settle(r, Decimal("0.03"))
     assert ledger.spent() == Decimal("0.03")
     ledger.close()
+
+
+def test_an_in_memory_ledger_applies_queued_writes_before_any_read() -> None:
+    ledger = Ledger(":memory:")
+    reservations = [ledger.reserve(request_id=f"r{i}", provider="p", model="m", amount=Decimal("0.01"))
+                    for i in range(3)]
+    assert ledger._pending  # no budget watches these: their writes wait
+    ledger.settle(reservations[0], Decimal("0.02"))
+    ledger.settle(reservations[1], Decimal("0.03"))
+    ledger.release(reservations[2], reason="failed")
+    with pytest.raises(ValueError, match="already settled"):
+        ledger.settle(reservations[0], Decimal("0.02"))
+    assert ledger.spent() == Decimal("0.05")
+    assert [(r.key, r.requests, r.usd) for r in ledger.report()] == [({"provider": "p"}, 2, Decimal("0.05"))]
+    ledger.set_budget(Budget(Decimal("0.06"), "day"))  # from now on, a budget watches every request
+    with pytest.raises(BudgetExceeded):
+        ledger.reserve(request_id="r9", provider="p", model="m", amount=Decimal("0.02"))
+    ids = {r.id for r in reservations} | {ledger.reserve(request_id="r10", provider="p", model="m",
+                                                         amount=Decimal("0.01")).id}
+    assert len(ids) == 4
+
+
+def test_queued_writes_are_bounded_and_ids_stay_unique() -> None:
+    ledger = Ledger(":memory:")
+    seen = set()
+    for i in range(1200):
+        r = ledger.reserve(request_id=f"r{i}", provider="p", model="m", amount=Decimal("0.001"))
+        seen.add(r.id)
+        ledger.settle(r, Decimal("0.001"))
+        assert len(ledger._pending) < 512
+    assert len(seen) == 1200 and ledger.spent() == Decimal("1.2")
