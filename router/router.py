@@ -10,9 +10,9 @@ import asyncio
 import dataclasses
 import logging
 import random
+import secrets
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from decimal import Decimal
@@ -174,7 +174,7 @@ class AsyncRouter:
         start = self._clock()
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
-        request_id = f"ir_{uuid.uuid4().hex[:20]}"
+        request_id = f"ir_{secrets.token_hex(10)}"
         if req.idempotency_key is None:
             req = req.model_copy(update={"idempotency_key": request_id})
         deadline = start + (req.deadline_s or self.deadline_s)
