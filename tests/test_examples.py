@@ -89,4 +89,4 @@ def test_the_overhead_benchmark_runs_a_tiny_round(tmp_path: Path) -> None:
     assert "| method | concurrency | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s |" in out
     for method in ("raw", "adapter", "router"):
         assert re.search(rf"^\| {method} \| 1 \| [0-9.]+ \|", out, re.M), out
-    assert "concurrency 1: router adds" in out
+    assert "concurrency 1: the router adds" in out and "over its own adapter" in out
