@@ -138,7 +138,7 @@ class Client:
     close: Callable[[], Awaitable[None]] | None = None
 
 
-async def build_clients(base_url: str, size: str, *, litellm_too: bool) -> list[Client]:
+async def build_clients(base_url: str, size: str, *, litellm_too: bool, ledger: str = ":memory:") -> list[Client]:
     import openai
 
     from providers.openai import OpenAIProvider
@@ -158,7 +158,7 @@ async def build_clients(base_url: str, size: str, *, litellm_too: bool) -> list[
     async def call_adapter() -> object:
         return await adapter.generate(request, MODEL, timeout_s=60)
 
-    routed = AsyncRouter([OpenAIProvider(api_key=API_KEY, base_url=base_url)], ledger=":memory:")
+    routed = AsyncRouter([OpenAIProvider(api_key=API_KEY, base_url=base_url)], ledger=ledger)
 
     async def call_router() -> object:
         return await routed.agenerate(request)
@@ -296,7 +296,7 @@ async def profile_router(base_url: str, size: str, requests: int) -> str:
 async def run(args: argparse.Namespace) -> int:
     litellm_too = not args.skip_litellm
     with server_process(args.server, args.size) as base_url:
-        clients = await build_clients(base_url, args.size, litellm_too=litellm_too)
+        clients = await build_clients(base_url, args.size, litellm_too=litellm_too, ledger=args.ledger)
         results: dict[int, dict[str, Series]] = {}
         try:
             for concurrency in args.concurrency:
@@ -323,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 200])
     parser.add_argument("--server", choices=("sandbox", "fixed"), default="fixed")
     parser.add_argument("--size", default="1024x1024", help="image size requested (the sandbox draws it once)")
+    parser.add_argument("--ledger", default=":memory:", help="the router's ledger: :memory: or a file path")
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM out (its import takes seconds)")
     parser.add_argument("--profile", action="store_true", help="then print a cProfile of the router path")
     parser.add_argument("--serve", choices=("sandbox", "fixed"), help=argparse.SUPPRESS)
