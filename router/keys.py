@@ -9,6 +9,7 @@ A key file (TOML, or YAML with the same fields) lists one entry per client::
     budget_usd = "5.00"                      # optional: a budget on the key's tag
     period = "day"                           # day | month (default) | total
     tags = ["client-eu"]                     # optional: more tags for every request of this key
+    rpm = 60                                 # optional: image requests per minute (429 beyond)
 
 Keys are long random tokens (``sk-ir-`` + 43 url-safe characters, 256 bits), so one
 SHA-256 round is enough to store them: there is nothing to brute-force. Lookups hash
@@ -23,8 +24,9 @@ import hmac
 import re
 import secrets
 import sys
+import time
 import tomllib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -50,13 +52,15 @@ def new_key() -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServerKey:
-    """One client's entry: its name, the key's digest, an optional budget and extra tags."""
+    """One client's entry: its name, the key's digest, an optional budget, extra tags and rate limit."""
 
     name: str
     sha256: str
     budget_usd: Decimal | None = None
     period: Period = "month"
     tags: frozenset[str] = frozenset()
+    rpm: int | None = None
+    """Image requests per minute this key may make (a token bucket of that size); None: no limit."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -67,6 +71,8 @@ class ServerKey:
             raise ValueError(f"key {self.name!r}: period must be one of {', '.join(PERIODS)}, got {self.period!r}")
         if self.budget_usd is not None:
             object.__setattr__(self, "budget_usd", Decimal(str(self.budget_usd)))
+        if self.rpm is not None and (isinstance(self.rpm, bool) or not isinstance(self.rpm, int) or self.rpm < 1):
+            raise ValueError(f"key {self.name!r}: rpm must be a whole number ≥ 1, got {self.rpm!r}")
 
     @property
     def tag(self) -> str:
@@ -84,6 +90,8 @@ class ServerKey:
             out |= {"budget_usd": str(self.budget_usd), "period": self.period}
         if self.tags:
             out["tags"] = sorted(self.tags)
+        if self.rpm is not None:
+            out["rpm"] = self.rpm
         return out
 
 
@@ -103,13 +111,13 @@ class ServerKeys:
         self._entries.append(entry)
 
     def add(self, name: str, key: str | None = None, *, budget_usd: Decimal | str | float | None = None,
-            period: Period = "month", tags: Iterable[str] = ()) -> str:
+            period: Period = "month", tags: Iterable[str] = (), rpm: int | None = None) -> str:
         """Add a client; returns its key (a new random one unless ``key`` is given). Only the hash is kept."""
         key = key or new_key()
         if len(key) < 16:
             raise ValueError("a client key must be at least 16 characters")
         budget = None if budget_usd is None else Decimal(str(budget_usd))
-        self._append(ServerKey(name, hash_key(key), budget, period, frozenset(tags)))
+        self._append(ServerKey(name, hash_key(key), budget, period, frozenset(tags), rpm))
         return key
 
     def verify(self, key: str) -> ServerKey | None:
@@ -165,7 +173,7 @@ class ServerKeys:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: keys[{i}] must be a table")
-            unknown = set(row) - {"name", "sha256", "budget_usd", "period", "tags"}
+            unknown = set(row) - {"name", "sha256", "budget_usd", "period", "tags", "rpm"}
             if unknown:
                 raise ValueError(f"{path}: keys[{i}]: unknown fields {sorted(unknown)}")
             try:
@@ -173,7 +181,7 @@ class ServerKeys:
                 entries.append(ServerKey(
                     name=str(row.get("name", "")), sha256=str(row.get("sha256", "")).lower(),
                     budget_usd=None if budget is None else Decimal(str(budget)),
-                    period=row.get("period", "month"), tags=frozenset(row.get("tags", ())),
+                    period=row.get("period", "month"), tags=frozenset(row.get("tags", ())), rpm=row.get("rpm"),
                 ))
             except (ValueError, ArithmeticError) as exc:
                 raise ValueError(f"{path}: keys[{i}]: {exc}") from None
@@ -196,12 +204,33 @@ class ServerKeys:
         return path
 
 
+class RateLimiter:
+    """A token bucket per key name: ``rpm`` requests at once, refilled at ``rpm`` per minute."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, when)
+
+    def take(self, name: str, rpm: int) -> float:
+        """0 when ``name`` may make a request now (and it is counted); else the seconds until it may."""
+        now = self._clock()
+        tokens, when = self._buckets.get(name, (float(rpm), now))
+        tokens = min(float(rpm), tokens + (now - when) * rpm / 60.0)
+        if tokens >= 1.0:
+            self._buckets[name] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[name] = (tokens, now)
+        return (1.0 - tokens) * 60.0 / rpm
+
+
 def _toml_entry(entry: ServerKey) -> str:
     lines = ["[[keys]]", f'name = "{entry.name}"', f'sha256 = "{entry.sha256}"']
     if entry.budget_usd is not None:
         lines += [f'budget_usd = "{entry.budget_usd}"', f'period = "{entry.period}"']
     if entry.tags:
         lines.append("tags = [" + ", ".join(_toml_str(t) for t in sorted(entry.tags)) + "]")
+    if entry.rpm is not None:
+        lines.append(f"rpm = {entry.rpm}")
     return "\n".join(lines) + "\n\n"
 
 
@@ -220,10 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=Decimal, help="budget in USD on this key's spend")
     parser.add_argument("--period", choices=PERIODS, default="month")
     parser.add_argument("--tag", action="append", default=[], help="an extra ledger tag (repeat for several)")
+    parser.add_argument("--rpm", type=int, help="image requests per minute this key may make")
     parser.add_argument("--file", type=Path, help="append the entry to this key file (TOML or YAML)")
     ns = parser.parse_args(argv)
     keys = ServerKeys.from_file(ns.file) if ns.file and ns.file.exists() else ServerKeys()
-    key = keys.add(ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag)
+    key = keys.add(ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag, rpm=ns.rpm)
     if ns.file:
         keys.save(ns.file)
         print(f"added {ns.name!r} to {ns.file}", file=sys.stderr)

@@ -40,7 +40,8 @@ Answers carry ``x-imagerouter-request-id``, ``-provider``, ``-model``, ``-cost-u
 
 Authentication: with :class:`~router.keys.ServerKeys`, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 Each request is tagged ``key:<name>`` in the ledger (plus the key's own tags), and a key's budget is set
-on that tag. With no keys the app is open and logs a warning; :func:`serve` refuses to bind anything but
+on that tag; a key's ``rpm`` caps its image requests per minute (429 ``rate_limit_exceeded`` with
+``Retry-After`` beyond it). With no keys the app is open and logs a warning; :func:`serve` refuses to bind anything but
 loopback without keys unless ``allow_open=True``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (the
@@ -58,6 +59,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -88,7 +90,7 @@ from router.errors import (
     redact,
 )
 from router.images import MAX_IMAGE_BYTES
-from router.keys import TAG_PREFIX, ServerKey, ServerKeys
+from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys
 from router.logs import install_redaction
 from router.metrics import ServerMetrics
 from router.request import Constraints, ImageRequest
@@ -563,14 +565,27 @@ def create_app(
             response.headers.append(name, value)
         return response
 
+    limiter = RateLimiter()
+
+    def within_rate(key: ServerKey | None) -> None:
+        if key is None or key.rpm is None:
+            return
+        wait = limiter.take(key.name, key.rpm)
+        if wait:
+            raise APIError(429, f"Rate limit reached for key {key.name!r}: {key.rpm} image requests per minute; "
+                                f"retry in {wait:.1f}s.", type="requests", code="rate_limit_exceeded",
+                           error="RateLimited", headers={"retry-after": str(max(1, math.ceil(wait)))})
+
     @app.post("/v1/images/generations")
     async def images_generations(request: Request) -> Response:
         key = authenticate(request)
+        within_rate(key)
         return await generate(_build(await json_body(request), router, key, settings))
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
         key = authenticate(request)
+        within_rate(key)
         raw = await read_body(request)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
             raise APIError(400, "Send image edits as multipart/form-data.")

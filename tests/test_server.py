@@ -78,7 +78,8 @@ def _serve(sandboxes: list[OpenAISandbox], *, with_keys: bool = True, **app_kw: 
     keys = ServerKeys()
     issued = {}
     if with_keys:
-        issued = {"alice": keys.add("alice"), "broke": keys.add("broke", budget_usd="0.001", period="day")}
+        issued = {"alice": keys.add("alice"), "broke": keys.add("broke", budget_usd="0.001", period="day"),
+                  "slow": keys.add("slow", rpm=2)}
     app = create_app(router, keys=keys, close_router=True, **app_kw)
     with ServerThread(app) as server:
         yield Served(server, router, providers, issued)
@@ -384,7 +385,7 @@ def test_without_keys_the_app_is_open_but_serve_only_binds_loopback(sandbox: Ope
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_key_files_hold_only_hashes_and_budgets(tmp_path: Path, suffix: str) -> None:
     keys = ServerKeys()
-    key = keys.add("team-a", budget_usd="5.00", period="day", tags=["client-eu"])
+    key = keys.add("team-a", budget_usd="5.00", period="day", tags=["client-eu"], rpm=30)
     assert key.startswith("sk-ir-") and len(key) > 40
     path = keys.save(tmp_path / f"keys{suffix}")
     assert key not in path.read_text() and hash_key(key) in path.read_text()
@@ -392,7 +393,7 @@ def test_key_files_hold_only_hashes_and_budgets(tmp_path: Path, suffix: str) -> 
     entry = loaded.verify(key)
     assert entry is not None and entry.name == "team-a" and entry.tag == "key:team-a"
     assert entry.budget is not None and (entry.budget.limit_usd, entry.budget.period) == (Decimal("5.00"), "day")
-    assert entry.tags == {"client-eu"}
+    assert entry.tags == {"client-eu"} and entry.rpm == 30
     assert loaded.verify(key + "x") is None and loaded.verify("") is None
 
 
@@ -453,3 +454,31 @@ async def test_concurrent_requests_are_each_served_and_counted(served: Served, s
     counted = served.metrics()[("imagerouter_http_requests_total", (
         ("endpoint", "/v1/images/generations"), ("method", "POST"), ("status", "200")))]
     assert counted == 16
+
+
+def test_a_key_over_its_request_rate_is_a_429_with_retry_after(served: Served, sandbox: OpenAISandbox) -> None:
+    slow = served.client(served.keys["slow"])
+    slow.images.generate(prompt="a cat")
+    slow.images.generate(prompt="a cat")
+    with pytest.raises(openai.RateLimitError) as info:
+        slow.images.generate(prompt="a cat")
+    assert info.value.code == "rate_limit_exceeded" and "2 image requests per minute" in info.value.message
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 30
+    assert sandbox.hits() == 2  # the refused request never reached a provider
+    served.client().images.generate(prompt="a cat")  # other keys have their own buckets
+    assert served.metrics()[("imagerouter_errors_total", (("error", "RateLimited"),))] == 1
+
+
+def test_the_rate_limiter_refills_over_time() -> None:
+    from router.keys import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    assert [limiter.take("k", 60) for _ in range(60)] == [0.0] * 60
+    assert limiter.take("k", 60) == pytest.approx(1.0)
+    now[0] = 0.5
+    assert limiter.take("k", 60) == pytest.approx(0.5)
+    now[0] = 1.0
+    assert limiter.take("k", 60) == 0.0 and limiter.take("other", 1) == 0.0
+    with pytest.raises(ValueError, match="rpm"):
+        ServerKeys().add("bad", rpm=0)
