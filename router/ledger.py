@@ -203,9 +203,10 @@ class Ledger:
         self._lock = threading.Lock()
         self._budget_cache: list[Budget] | None = None
         self._data_version = -1
-        # An in-memory ledger has no other reader and nothing to lose in a crash, so the writes of
-        # requests no budget watches are queued and applied in one batch before anything reads.
-        self._write_behind = self.path == ":memory:"
+        # An in-memory database is private to this connection: nobody else changes its budgets, and with no
+        # other reader and nothing to lose in a crash, the writes no budget watches are queued and applied
+        # in one batch before anything reads.
+        self._private = self.path == ":memory:"
         self._pending: list[tuple[str, tuple[object, ...]]] = []
         self._queued_open: dict[int, str] = {}
         self._next_id = 0
@@ -267,8 +268,8 @@ class Ledger:
     def _budgets(self, c: sqlite3.Connection) -> list[Budget]:
         """The budgets, re-read only when this connection changed a budget or another one changed the
         database (``data_version``). Call with ``self._lock`` held."""
-        if self._write_behind and self._budget_cache is not None:
-            return self._budget_cache  # an in-memory database has no other connection to change it
+        if self._private and self._budget_cache is not None:
+            return self._budget_cache
         version = c.execute("PRAGMA data_version").fetchone()[0]
         if self._budget_cache is None or version != self._data_version:
             self._budget_cache = _load_budgets(c)
@@ -331,7 +332,7 @@ class Ledger:
         if not tagset:
             with self._lock:
                 if not self._budgets(self._conn):  # no budget to check: one INSERT is atomic on its own
-                    if self._write_behind:
+                    if self._private:
                         charge_id, self._next_id = self._next_id, self._next_id + 1
                         self._queue(_INSERT_CHARGE, (charge_id, request_id, provider, model, nano, now))
                         self._queued_open[charge_id] = request_id

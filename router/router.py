@@ -185,14 +185,7 @@ class AsyncRouter:
                 routed = self._clock()
                 self._tracing.routed(span, len(decision.chain))
                 if not decision.chain:
-                    reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
-                    offered = [r for r in decision.rejections if r.code != "not-configured"]
-                    if offered and all(r.code == "budget" for r in offered):
-                        raise BudgetExceeded(f"every backend that could serve this {req.task} request is over "
-                                             f"budget ({reasons})", decision=decision, request_id=request_id)
-                    raise NoRouteError(
-                        f"no provider can serve this {req.task} request ({reasons or 'none registered'})",
-                        decision=decision, request_id=request_id)
+                    raise _refusal(req, decision, request_id)
                 if decision.residency is not None and decision.residency != req.constraints.residency:
                     # A policy's residency must reach the providers too: they pick regional hosts from it.
                     constraints = req.constraints.model_copy(update={"residency": decision.residency})
@@ -226,6 +219,17 @@ class AsyncRouter:
         base, cap = self.backoff
         ceiling = min(cap, base * 2 ** (calls - 1))
         return ceiling * (0.5 + 0.5 * self._rng())
+
+
+def _refusal(request: ImageRequest, decision: RoutingDecision, request_id: str) -> ImageRouterError:
+    """Why no candidate is left: over budget when budgets alone ruled them out, else no route."""
+    reasons = "; ".join(f"{r.provider}/{r.model}: {r.reason}" for r in decision.rejections)
+    offered = [r for r in decision.rejections if r.code != "not-configured"]
+    if offered and all(r.code == "budget" for r in offered):
+        return BudgetExceeded(f"every backend that could serve this {request.task} request is over budget "
+                              f"({reasons})", decision=decision, request_id=request_id)
+    return NoRouteError(f"no provider can serve this {request.task} request ({reasons or 'none registered'})",
+                        decision=decision, request_id=request_id)
 
 
 def _exception(state: RetryCallState) -> BaseException | None:

@@ -279,9 +279,10 @@ class PipelineCache:
                 log.info("local model %s: offload=%s applies on CUDA only; running on %s", entry.name,
                          entry.offload, self.device)
             pipe.to(self.device)
+        import torch
+
         vae = getattr(pipe, "vae", None)
-        if vae is not None and vae.dtype == self.dtype and str(self.dtype) == "torch.float16" and getattr(
-                vae.config, "force_upcast", False):
+        if vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             log.info("local model %s: its VAE upcasts to float32 on every decode in float16; set vae: to an "
                      "fp16-fix VAE (e.g. madebyollin/sdxl-vae-fp16-fix) in the catalog to avoid it", entry.name)
         if entry.vae_slicing and vae is not None:

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ class LocalProvider(Provider):
         check_family(loras, entry.family)
         return loras
 
-    def _progress(self, model: str) -> Any:
+    def _progress(self, model: str) -> Callable[[int, int], None] | None:
         sink = current_sink()
         if sink is None:
             return None
