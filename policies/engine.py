@@ -115,7 +115,9 @@ class PolicyEngine:
             eff.avoid |= set(then.avoid)
             eff.residency = _intersect(eff.residency, then.residency)
             if then.max_cost_usd is not None:
-                eff.max_cost_usd = min(filter(None, (eff.max_cost_usd, then.max_cost_usd)))
+                # a cap of 0 is a cap: only None means "no cap"
+                caps = [c for c in (eff.max_cost_usd, then.max_cost_usd) if c is not None]
+                eff.max_cost_usd = min(caps)
             if then.weights:
                 eff.weights = eff.weights.model_copy(update=then.weights)
             eff.applied.append(rule.describe())
@@ -146,7 +148,7 @@ class PolicyEngine:
             )
         if eff.quality_floor is not None and caps.quality < eff.quality_floor:
             yield "quality-floor", f"quality {caps.quality:.2f} is below the floor {eff.quality_floor:.2f}"
-        cost = cand.estimate.cost_usd
+        cost = cand.estimate.worst_usd  # what the call can be billed at most, where the vendor bounds it
         if eff.max_cost_usd is not None and cost > eff.max_cost_usd:
             yield "cost-cap", f"estimated ${cost} is over max_cost_usd ${eff.max_cost_usd}"
         latency = cand.observed_latency_s or cand.estimate.latency_s

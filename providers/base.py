@@ -7,23 +7,17 @@ error classes. It never retries: the router owns retries, fallback and deadlines
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import email.utils
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from router.errors import InvalidRequestError
 from router.geometry import SizePlan, SizeRules, plan_size
 from router.prices import PriceRow, PriceTable, default_prices
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +81,23 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    """Cost and latency expected before the call."""
+    """Cost and latency expected before the call.
+
+    ``max_cost_usd`` is the most the call can be billed where the vendor's pricing bounds it
+    (token-billed models: from size, quality and n); the router reserves it against budgets.
+    None: the bill is the estimate (a flat per-image price).
+    """
 
     cost_usd: Decimal
     latency_s: float
     unit: str = ""
     quantity: Decimal = Decimal(0)
+    max_cost_usd: Decimal | None = None
+
+    @property
+    def worst_usd(self) -> Decimal:
+        """What to reserve: the bound where there is one, else the estimate."""
+        return self.cost_usd if self.max_cost_usd is None else max(self.cost_usd, self.max_cost_usd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,46 +203,3 @@ class Provider(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
-
-
-async def fan_out(n: int, call: Callable[[int], Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``call(0) … call(n-1)`` concurrently, for backends that make one image per call.
-
-    Results keep their index order. If one call fails the others are cancelled and
-    that call's error is raised (the SDK's own error class, not an ExceptionGroup).
-    """
-    if n == 1:
-        return [await call(0)]
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks: list[asyncio.Task[T]] = [group.create_task(call(i)) for i in range(n)]
-    except BaseExceptionGroup as eg:
-        raise _first_leaf(eg) from None
-    return [t.result() for t in tasks]
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
-    """The wait a 429/503 asks for, from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    value = headers.get("retry-after-ms")
-    if value:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(value) / 1000)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds()) if when.tzinfo else None

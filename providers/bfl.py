@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out, retry_after_s
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.vendor import billed_by, combine, fan_out, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -217,11 +218,13 @@ class BFLProvider(Provider):
 
         try:
             async with asyncio.timeout(timeout_s):
-                done = await fan_out(request.n, one)
+                fan = await fan_out(request.n, one)
         except TimeoutError:
             raise ProviderTimeout(f"no result within {timeout_s:.1f}s", provider=self.name) from None
-        ids = [task_id for task_id, _ in done]
-        return ProviderResponse([img for _, img in done], model, self._billing(model, ids), ids[0])
+        ids = [task_id for task_id, _ in fan.done]
+        billing = combine([self._billing(model, ids), *billed_by(fan.errors)])
+        return ProviderResponse([img for _, img in fan.done], model, billing, ids[0],
+                                warnings=fan.warnings(request.n))
 
     async def _body(self, request: ImageRequest, model: str, plan: Plan) -> dict[str, Any]:
         options = request.provider_options.get(self.name, {})

@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out, retry_after_s
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.vendor import billed_by, combine, fan_out, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -265,11 +266,13 @@ class ReplicateProvider(Provider):
                 inp["seed"] = (request.seed + i) % 2**32
             return await self._predict(entry, inp, deadline, timeout_s)
 
-        done = await fan_out(1 if entry.num_outputs else request.n, one)
+        calls = 1 if entry.num_outputs else request.n
+        fan = await fan_out(calls, one)
+        done = fan.done
         images = [img for _, imgs, _ in done for img in imgs]
         ids = [pid for pid, _, _ in done]
-        billing = self._billing(model, ids, len(images), [m for _, _, m in done])
-        return ProviderResponse(images, model, billing, ids[0])
+        billing = combine([self._billing(model, ids, len(images), [m for _, _, m in done]), *billed_by(fan.errors)])
+        return ProviderResponse(images, model, billing, ids[0], warnings=fan.warnings(calls))
 
     async def _input(self, request: ImageRequest, model: str, plan: Plan) -> dict[str, Any]:
         entry = CATALOG[model]

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, fan_out, retry_after_s
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.vendor import billed_by, combine, fan_out, retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -240,7 +241,9 @@ class StabilityProvider(Provider):
                     own["seed"] = str((request.seed + i) % (MAX_SEED + 1))
                 return self._call(path, own, files, timeout_s, poll=False)
 
-            images = await fan_out(request.n, call_for)
+            fan = await fan_out(request.n, call_for)
+            billing = combine([self._billing(model, len(fan.done)), *billed_by(fan.errors)])
+            return ProviderResponse(fan.done, model, billing, warnings=(*plan.warnings, *fan.warnings(request.n)))
         return ProviderResponse(images, model, self._billing(model, len(images)), warnings=plan.warnings)
 
     async def _form(self, request: ImageRequest, model: str,

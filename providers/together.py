@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse, retry_after_s
+from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
+from providers.vendor import retry_after_s
 from router.errors import (
     AuthenticationError,
     ContentPolicyError,

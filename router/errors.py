@@ -11,9 +11,11 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from providers.base import Billing
     from router.result import Attempt
 
 
@@ -59,6 +61,10 @@ class ImageRouterError(Exception):
         self.code = code
         self.request_id = request_id
         self.attempts: list[Attempt] = []
+        self.billed: Billing | None = None
+        """What the vendor billed for the failed call (paid work before the failure), or None."""
+        self.cost_usd = Decimal(0)
+        """What the whole request was charged before it failed (every billed attempt), set by the router."""
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -74,20 +80,24 @@ class ImageRouterError(Exception):
         return type(self).__name__
 
 
-# --- the request is at fault: fatal, never retried, never sent elsewhere ---------
+# --- the request is at fault ---------------------------------------------------
 
 
 class InvalidRequestError(ImageRouterError):
-    """The request cannot be served as written (a provider answered 400/404/422)."""
+    """This backend cannot serve the request as written: the vendor answered 400/404/422, the model
+    is not there, or its pipeline refused the inputs. Another candidate may still serve it (fallback);
+    the circuit breaker does not count it."""
 
-    disposition = Disposition.FATAL
+    disposition = Disposition.FALLBACK
 
 
 class RequestValidationError(InvalidRequestError, ValueError):
-    """A request failed validation before anything was sent.
+    """A request failed validation before anything was sent: fatal, no backend could serve it.
 
     ``problems`` lists ``(field, what to change)`` pairs; the message names them all.
     """
+
+    disposition = Disposition.FATAL
 
     def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
         self.problems = list(problems)
@@ -192,14 +202,17 @@ class NoRouteError(ImageRouterError):
 
 
 class AllProvidersFailed(ImageRouterError):
-    """Every candidate in the chain failed; ``attempts`` is the whole trail."""
+    """Every candidate in the chain failed; ``attempts`` is the whole trail and ``errors`` each
+    candidate's last error (in chain order)."""
 
     disposition = Disposition.FATAL
 
-    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), decision: Any = None, **kw: Any) -> None:
+    def __init__(self, message: str, *, attempts: Sequence[Attempt] = (), decision: Any = None,
+                 errors: Sequence[ImageRouterError] = (), **kw: Any) -> None:
         super().__init__(message, **kw)
         self.attempts = list(attempts)
         self.decision = decision
+        self.errors = list(errors)
 
 
 __all__ = [

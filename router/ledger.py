@@ -221,6 +221,11 @@ class Ledger:
             self._conn.close()
             raise
 
+    @property
+    def private(self) -> bool:
+        """True for an in-memory ledger: no file, no other connection, nothing that can block."""
+        return self._private
+
     def _setup(self) -> None:
         conn = self._conn
         conn.execute("PRAGMA busy_timeout = 30000")

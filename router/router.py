@@ -7,7 +7,10 @@ cost accounting. Providers stay thin; policies stay pure.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import functools
+import json
 import logging
 import random
 import secrets
@@ -15,6 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,17 +89,17 @@ class AsyncRouter:
         if len(set(names)) != len(names):
             raise ValueError(f"provider names must be unique, got {names}")
         self.providers: dict[str, Provider] = {p.name: p for p in providers}
+        """The providers as given (never modified: a policy's price overrides apply to copies)."""
         self.policy = resolve_policy(policy)
-        if self.policy.prices:
-            for provider in providers:
-                provider.prices = provider.prices.with_overrides(self.policy.prices)
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
-        for rule in self.policy.budgets:
-            self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))
+        self._ledger = _LedgerCalls(self.ledger)
+        self._priced: dict[str, dict[str, Provider]] = {}
+        self._budgeted: set[tuple[object, ...]] = set()
+        self._overbilled: dict[tuple[str, str], Decimal] = {}  # (provider, model) → largest bill ÷ reservation
+        self._apply_budgets(self.policy)
         for budget in budgets:
             self.ledger.set_budget(budget)
         self._max_retries = max_retries
-        self.max_retries = self.policy.max_retries if max_retries is None else max_retries
         self.backoff = backoff
         self.max_retry_after_s = max_retry_after_s
         self.deadline_s = deadline_s
@@ -115,13 +119,55 @@ class AsyncRouter:
 
         return cls(**(router_kwargs_from_env() | kw))
 
+    # --- a policy's prices and budgets ----------------------------------------------------
+
+    def providers_for(self, policy: Policy) -> dict[str, Provider]:
+        """The providers as ``policy`` prices them: shallow copies carrying its price overrides, made once
+        per set of overrides (the caller's provider objects are never changed)."""
+        if not policy.prices:
+            return self.providers
+        key = json.dumps(policy.prices, sort_keys=True, default=str)
+        priced = self._priced.get(key)
+        if priced is None:
+            priced = {}
+            for name, provider in self.providers.items():
+                twin = copy.copy(provider)
+                twin.prices = provider.prices.with_overrides(policy.prices)
+                priced[name] = twin
+            self._priced[key] = priced
+        return priced
+
+    def _apply_budgets(self, policy: Policy) -> None:
+        """Write ``policy``'s budgets into the ledger (once per distinct set)."""
+        key = tuple(policy.budgets)
+        if key and key not in self._budgeted:
+            for rule in policy.budgets:
+                self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))
+            self._budgeted.add(key)
+
+    def reservation_for(self, provider: str, cand: RankedCandidate) -> Decimal:
+        """What to hold in the ledger before calling: the call's worst case, scaled up by the largest
+        factor this provider/model has billed beyond its reservation so far (a vendor that bills more
+        than its published rates overshoots a budget once, not on every call)."""
+        worst = cand.estimate.worst_usd
+        factor = self._overbilled.get((provider, cand.model))
+        return worst if factor is None else worst * factor
+
+    def learn_bill(self, provider: str, cand: RankedCandidate, reserved: Decimal, billed: Decimal) -> None:
+        worst = cand.estimate.worst_usd
+        if billed > reserved and worst > 0:
+            key = (provider, cand.model)
+            self._overbilled[key] = max(self._overbilled.get(key, Decimal(1)), billed / worst)
+
     # --- routing ---------------------------------------------------------------------
 
     def route(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
               **kw: Any) -> RoutingDecision:
         """The decision for ``request`` without calling anything (a dry run)."""
         req = ImageRequest.from_kwargs(request, **kw)
-        return self._decide(req, resolve_policy(policy) if policy is not None else self.policy)
+        pol = resolve_policy(policy) if policy is not None else self.policy
+        self._apply_budgets(pol)
+        return self._decide(req, pol, self.ledger.headroom(req.tags))
 
     def _engine(self, policy: Policy) -> PolicyEngine:
         engine = self._engines.get(policy.name)
@@ -129,10 +175,10 @@ class AsyncRouter:
             engine = self._engines[policy.name] = PolicyEngine(policy)
         return engine
 
-    def candidates(self, request: ImageRequest) -> list[CandidateInfo]:
-        """Every (provider, model) pair with its capabilities, plan and estimate."""
+    def candidates(self, request: ImageRequest, policy: Policy | None = None) -> list[CandidateInfo]:
+        """Every (provider, model) pair with its capabilities, plan and estimate (priced by ``policy``)."""
         out: list[CandidateInfo] = []
-        for position, provider in enumerate(self.providers.values()):
+        for position, provider in enumerate(self.providers_for(policy or self.policy).values()):
             models = provider.models()
             if request.model is not None:
                 models = [request.model] if provider.supports_model(request.model) else []
@@ -150,14 +196,13 @@ class AsyncRouter:
                 ))
         return out
 
-    def _decide(self, request: ImageRequest, policy: Policy) -> RoutingDecision:
-        headroom = self.ledger.headroom(request.tags)
+    def _decide(self, request: ImageRequest, policy: Policy, headroom: Decimal | None) -> RoutingDecision:
         empty = tuple(
             Rejection(p.name, "-", "not-configured", p.configuration_problem() or "offers no model")
             for p in self.providers.values() if not p.models()
         )
         context = RoutingContext(headroom, empty)
-        return self._engine(policy).decide(request, self.candidates(request), context)
+        return self._engine(policy).decide(request, self.candidates(request, policy), context)
 
     # --- generation ------------------------------------------------------------------
 
@@ -174,6 +219,8 @@ class AsyncRouter:
         start = self._clock()
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
+        if pol is not self.policy:
+            self._apply_budgets(pol)
         request_id = f"ir_{secrets.token_hex(10)}"
         if req.idempotency_key is None:
             req = req.model_copy(update={"idempotency_key": request_id})
@@ -181,7 +228,7 @@ class AsyncRouter:
         with self._tracing.request(req, pol.name, request_id) as span:
             walk = _Walk(self, req, pol, request_id, deadline, span)
             try:
-                decision = self._decide(req, pol)
+                decision = self._decide(req, pol, await self._ledger.run(self.ledger.headroom, req.tags))
                 routed = self._clock()
                 self._tracing.routed(span, len(decision.chain))
                 if not decision.chain:
@@ -200,8 +247,12 @@ class AsyncRouter:
                 raise
 
     async def aclose(self) -> None:
+        for priced in self._priced.values():
+            for provider in priced.values():
+                await provider.aclose()
         for provider in self.providers.values():
             await provider.aclose()
+        self._ledger.shutdown()
 
     async def __aenter__(self) -> AsyncRouter:
         return self
@@ -236,6 +287,55 @@ def _exception(state: RetryCallState) -> BaseException | None:
     return state.outcome.exception() if state.outcome else None
 
 
+def _retried(exc: BaseException) -> bool:
+    """Whether to call the same candidate again after ``exc``: a transient fault, and no paid work lost
+    (a billed failure is never re-run on the same backend: that would pay twice for one image)."""
+    return (isinstance(exc, ImageRouterError) and exc.disposition is Disposition.RETRY
+            and exc.billed is None)
+
+
+class _LedgerCalls:
+    """The ledger's calls from the event loop. A file ledger runs on one dedicated thread, where
+    SQLite may wait on another process's write lock without stalling the loop; a private in-memory
+    ledger (no file, no other connection) answers inline in microseconds."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._pool = None if ledger.private else ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        if self._pool is None:
+            return fn(*args, **kw)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    async def reserve(self, **kw: Any) -> Reservation:
+        """A reservation; if the caller is cancelled while it is being made, it is released once made."""
+        if self._pool is None:
+            return self.ledger.reserve(**kw)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(self.ledger.reserve, **kw))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_made)
+            raise
+
+    def _release_made(self, future: asyncio.Future[Reservation]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release_soon(future.result(), reason="cancelled")
+
+    def release_soon(self, reservation: Reservation, *, reason: str) -> None:
+        """Release without waiting (from cancellation paths, where nothing may be awaited)."""
+        if self._pool is None:
+            self.ledger.release(reservation, reason=reason)
+        else:
+            self._pool.submit(self.ledger.release, reservation, reason=reason)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
+
+
 class _Walk:
     """One request's walk down the chain: its attempts, charges and deadline."""
 
@@ -247,6 +347,7 @@ class _Walk:
         self.request_id = request_id
         self.deadline = deadline
         self.span = span  # the request's span (a no-op one when tracing is off)
+        self.providers = router.providers_for(policy)
         self.attempts: list[Attempt] = []
         self.errors: list[ImageRouterError] = []
         self.billed = Decimal(0)
@@ -258,7 +359,7 @@ class _Walk:
     async def try_candidate(self, cand: RankedCandidate, rank: int = 0) -> ProviderResponse | None:
         """Call one candidate (``rank`` in the chain) with retries; None means: go on to the next."""
         r = self.r
-        provider = r.providers[cand.provider]
+        provider = self.providers[cand.provider]
         if not r.breaker.available(provider.name):
             self._record(cand, "skipped", 0.0, error=ProviderUnavailable("circuit open", provider=provider.name))
             return None
@@ -267,7 +368,7 @@ class _Walk:
             try:
                 return await self._attempt(provider, cand, rank, retry=0)
             except ImageRouterError as exc:
-                if exc.disposition is not Disposition.RETRY:
+                if not _retried(exc):
                     raise
                 wait = r._delay(1, exc)
                 if self._give_up(1, wait, exc):
@@ -277,8 +378,7 @@ class _Walk:
             retrying = AsyncRetrying(
                 stop=lambda s: self._give_up(s.attempt_number + 1, s.upcoming_sleep, _exception(s)),
                 wait=lambda s: r._delay(s.attempt_number + 1, _exception(s)),
-                retry=retry_if_exception(lambda e: isinstance(e, ImageRouterError)
-                                         and e.disposition is Disposition.RETRY),
+                retry=retry_if_exception(_retried),
                 sleep=r._sleep,
                 reraise=True,
             )
@@ -326,9 +426,9 @@ class _Walk:
         reservation: Reservation | None = None
         t0 = r._clock()
         try:
-            reservation = r.ledger.reserve(
+            reservation = await r._ledger.reserve(
                 request_id=self.request_id, provider=provider.name, model=cand.model,
-                amount=cand.estimate.cost_usd, tags=self.request.tags,
+                amount=r.reservation_for(provider.name, cand), tags=self.request.tags,
             )
             timeout = min(remaining, r.attempt_timeout_s)
             try:
@@ -338,23 +438,33 @@ class _Walk:
                 raise ProviderTimeout(f"no answer within {timeout:.1f}s", provider=provider.name) from None
         except ImageRouterError as exc:
             exc.provider = exc.provider or provider.name
+            cost = Decimal(0)
             if reservation is not None:
-                r.ledger.release(reservation, reason=exc.kind)
+                if exc.billed is not None:  # the vendor billed work before failing: charge it
+                    cost = exc.billed.cost_usd
+                    self.billed += cost
+                    r.learn_bill(provider.name, cand, reservation.amount, cost)
+                    await r._ledger.run(r.ledger.settle, reservation, cost, unit=exc.billed.unit,
+                                        quantity=exc.billed.quantity,
+                                        details=exc.billed.details | {"failed": exc.kind})
+                else:
+                    await r._ledger.run(r.ledger.release, reservation, reason=exc.kind)
             if isinstance(exc, _PROVIDER_FAULTS):
                 r.breaker.record_failure(provider.name)
             else:
                 r.breaker.release(provider.name)
-            self._record(cand, "error", r._clock() - t0, error=exc, retry=retry)
+            self._record(cand, "error", r._clock() - t0, error=exc, retry=retry, cost=cost)
             raise
         except BaseException:
             if reservation is not None:
-                r.ledger.release(reservation, reason="cancelled")
+                r._ledger.release_soon(reservation, reason="cancelled")
             r.breaker.release(provider.name)
             raise
         elapsed = r._clock() - t0
         billing = response.billing
-        r.ledger.settle(reservation, billing.cost_usd, unit=billing.unit, quantity=billing.quantity,
-                        details=billing.details)
+        r.learn_bill(provider.name, cand, reservation.amount, billing.cost_usd)
+        await r._ledger.run(r.ledger.settle, reservation, billing.cost_usd, unit=billing.unit,
+                            quantity=billing.quantity, details=billing.details)
         r.breaker.record_success(provider.name)
         r.stats.record(provider.name, response.model, elapsed)
         self.billed += billing.cost_usd
@@ -381,6 +491,7 @@ class _Walk:
     def _attach(self, exc: ImageRouterError) -> ImageRouterError:
         exc.attempts = list(self.attempts)
         exc.request_id = exc.request_id or self.request_id
+        exc.cost_usd = self.billed
         return exc
 
     def failure(self, decision: RoutingDecision) -> ImageRouterError:
@@ -389,14 +500,17 @@ class _Walk:
             return self._attach(self.errors[-1])
         trail = "; ".join(f"{a.provider}/{a.model}: {a.error} ({a.message})" for a in self.attempts
                           if a.outcome != "success")
+        charged = f" (charged ${self.billed} for billed failed attempts)" if self.billed else ""
         if self.remaining() <= 0:
-            return DeadlineExceeded(f"the request's deadline passed: {trail}", attempts=self.attempts,
-                                    decision=decision, request_id=self.request_id)
-        return AllProvidersFailed(f"every provider failed: {trail}", attempts=self.attempts, decision=decision,
-                                  request_id=self.request_id)
+            return self._attach(DeadlineExceeded(f"the request's deadline passed{charged}: {trail}",
+                                                 attempts=self.attempts, decision=decision,
+                                                 request_id=self.request_id))
+        return self._attach(AllProvidersFailed(f"every provider failed{charged}: {trail}", attempts=self.attempts,
+                                               decision=decision, errors=self.errors, request_id=self.request_id))
 
     def failed(self, exc: ImageRouterError, start: float) -> None:
         """Log a request that ends in ``exc`` and add its attempt trail to the request span."""
+        exc.cost_usd = self.billed
         self.r._tracing.request_failed(self.span, self.attempts)
         if log.isEnabledFor(logging.WARNING):
             log.warning("request %s failed: %s", self.request_id, exc, extra=self._extra(
@@ -430,7 +544,7 @@ class _Walk:
             policy=self.policy.name, provider_request_id=response.provider_request_id,
         )) for img in response.images]
         self.r._tracing.request_done(
-            self.span, provider=cand.provider, provider_kind=self.r.providers[cand.provider].kind,
+            self.span, provider=cand.provider, provider_kind=self.providers[cand.provider].kind,
             model=response.model, rank=rank, attempts=self.attempts, estimated_usd=cand.estimate.cost_usd,
             actual_usd=self.billed)
         if log.isEnabledFor(logging.INFO):

@@ -16,6 +16,7 @@ from providers.bfl import BFLProvider
 from providers.sandbox import Fault
 from providers.sandbox.bfl import BFLSandbox
 from router import (
+    AllProvidersFailed,
     AsyncRouter,
     AuthenticationError,
     ContentPolicyError,
@@ -262,19 +263,22 @@ async def test_refused_keys_are_authentication_errors_without_the_key(bfl: BFLSa
 
 
 @pytest.mark.parametrize("status", [400, 422])
-async def test_bad_requests_are_invalid_request_errors(bfl: BFLSandbox, bfl2: BFLSandbox, status: int) -> None:
+async def test_bad_requests_fall_back_to_the_next_candidate(bfl: BFLSandbox, bfl2: BFLSandbox, status: int) -> None:
     bfl.faults.push(Fault("invalid_request", status=status, param="width", message="bad width"))
     async with make_router(one_model(bfl), one_model(bfl2, "bfl-backup")) as router:
-        with pytest.raises(InvalidRequestError) as info:
-            await router.agenerate("a cat")
-    assert "width: bad width" in str(info.value) and bfl2.hits() == 0
+        result = await router.agenerate("a cat")
+    first, second = result.attempts
+    assert (first.error, second.provider, second.outcome) == ("InvalidRequestError", "bfl-backup", "success")
+    assert first.message is not None and "width: bad width" in first.message
 
 
 async def test_sandbox_validation_422_reaches_the_caller_as_invalid_request(bfl: BFLSandbox) -> None:
     async with make_router(one_model(bfl)) as router:
-        with pytest.raises(InvalidRequestError) as info:
+        with pytest.raises(AllProvidersFailed) as info:
             await router.agenerate("a cat", provider_options={"bfl": {"safety_tolerance": 9}})
-    assert info.value.status_code == 422 and "safety_tolerance" in str(info.value)
+    (error,) = info.value.errors
+    assert isinstance(error, InvalidRequestError)
+    assert error.status_code == 422 and "safety_tolerance" in str(error)
 
 
 @pytest.mark.parametrize("fault", [Fault.malformed(), Fault.malformed(b'{"id": 5}'), Fault.malformed(b"[1]")])

@@ -77,7 +77,7 @@ def test_retry_after_reads_ms_seconds_and_http_dates() -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from providers.base import retry_after_s
+    from providers.vendor import retry_after_s
 
     assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert retry_after_s({"retry-after": "2"}) == 2.0

@@ -19,7 +19,7 @@ from PIL import Image
 from providers.local import Catalog, LocalProvider, ModelEntry, ModelNotAvailable, UnsafeCheckpoint
 from providers.local.pipelines import PipelineCache
 from router import AsyncRouter, ImageRequest, InvalidRequestError
-from router.errors import ProviderTimeout, RequestValidationError
+from router.errors import AllProvidersFailed, ProviderTimeout, RequestValidationError
 from tests.conftest import half_mask
 from tests.local_models import build_sd15, write_incomplete_model, write_pickled_model
 
@@ -168,10 +168,12 @@ async def test_cancelling_the_await_stops_the_pipeline_early(provider: LocalProv
 async def test_a_missing_model_directory_is_a_typed_error(tmp_path: Path) -> None:
     p = LocalProvider({"gone": entry(tmp_path / "nope")}, device="cpu")
     async with router(p) as r:
-        with pytest.raises(InvalidRequestError) as info:
+        with pytest.raises(AllProvidersFailed) as info:  # a candidate's failure: the next one would be tried
             await r.agenerate("x", width=64, height=64)
-    assert isinstance(info.value, ModelNotAvailable) and "gone" in str(info.value)
+    (error,) = info.value.errors
+    assert isinstance(error, ModelNotAvailable) and "gone" in str(error)
     assert "does not exist" in str(info.value)
+    assert [a.error for a in info.value.attempts] == ["ModelNotAvailable"]
 
 
 async def test_missing_weights_are_a_typed_error(tmp_path: Path) -> None:

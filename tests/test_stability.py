@@ -287,9 +287,11 @@ async def test_401_is_an_authentication_error_without_the_key(sb: StabilitySandb
 async def test_4xx_is_an_invalid_request_error(sb: StabilitySandbox, status: int) -> None:
     sb.faults.push(Fault("invalid_request", status=status, param="prompt"))
     async with make_router(provider(sb)) as router:
-        with pytest.raises(InvalidRequestError) as info:
+        with pytest.raises(AllProvidersFailed) as info:
             await router.agenerate("a cat")
-    assert info.value.status_code == status and sb.hits() == 1
+    (error,) = info.value.errors
+    assert isinstance(error, InvalidRequestError)
+    assert error.status_code == status and sb.hits() == 1
 
 
 async def test_malformed_image_falls_back(sb: StabilitySandbox, sb2: StabilitySandbox) -> None:
