@@ -1,11 +1,19 @@
 """Black Forest Labs' FLUX API over httpx: asynchronous tasks on regional hosts.
 
-``POST /v1/{model}`` answers ``{id, polling_url}``; the provider polls that URL (with
+``POST /v1/{model}`` answers ``{id, polling_url, cost}``; the provider polls that URL (with
 the key) until the task is Ready, then downloads ``result.sample`` at once through the
 :class:`~router.fetch.SafeFetcher` (sample URLs expire after 10 minutes). One image
 per task: ``n > 1`` fans out. Inpainting (flux-pro-1.0-fill) takes a white = repaint
-mask; flux-kontext-pro edits an init image. Regions are hosts: global, eu, us.
-Cost is the model's credits per image at $0.01 a credit. No retries here.
+mask; flux-kontext-pro and flux-2-pro edit an init image. Regions are hosts: global, eu, us.
+
+Sizes follow each model's published rule (see ``_GEOMETRY``). Cost: FLUX.1 models bill
+credits per image, FLUX.2 per megapixel of output and input, at $0.01 a credit; the
+bill is the ``cost`` BFL reports for the task where it does, else the price table's.
+
+Never pay twice: a task is billed once it is Ready. When its sample cannot be
+downloaded, the download is retried (re-polling for a fresh URL), never the task; if it
+still fails, the error carries the task's bill, so the router charges it and falls back
+rather than re-running the paid task. No retries of whole calls here.
 """
 
 from __future__ import annotations
@@ -16,18 +24,18 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import billed_by, combine, fan_out, retry_after_s
+from providers.vendor import ApiKey, charged, combine, connection_error, fan_out, seed_for, status_error
 from router.errors import (
-    AuthenticationError,
     ContentPolicyError,
     ImageRouterError,
-    InsufficientCredits,
     InvalidRequestError,
     MalformedResponse,
     ProviderTimeout,
@@ -38,8 +46,8 @@ from router.errors import (
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules, parse_ratio
 from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
-from router.prices import PriceTable
-from router.request import ImageRequest
+from router.prices import PriceRow, PriceTable
+from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
 REGION_HOSTS: dict[str, str] = {"global": "https://api.bfl.ai", "eu": "https://api.eu.bfl.ai",
@@ -48,29 +56,96 @@ MODELS = ("flux-pro-1.1", "flux-kontext-pro", "flux-pro-1.0-fill", "flux-pro-1.1
 _OPTIONS = frozenset({"safety_tolerance", "output_format", "prompt_upsampling", "raw"})
 _FORMATS = frozenset({"png", "jpeg"})
 _MODERATED = ("Request Moderated", "Content Moderated")
-_SIZES = SizeRules(multiple=16, min_side=256, max_side=4096, max_pixels=4 * 1024 * 1024, max_ratio=4.0,
-                   native=(1024, 1024))
-# aspect_ratio models: output of about this many pixels at a ratio between 9:21 and 21:9
-_RATIO_AREA = {"flux-kontext-pro": 1024 * 1024, "flux-pro-1.1-ultra": 2048 * 2048}
-_RATIO_RULES = SizeRules(multiple=16, min_side=256, max_side=4096, max_pixels=4 * 1024 * 1024,
-                         max_ratio=21 / 9, native=(1024, 1024))
+MEGAPIXEL = 1024 * 1024  # FLUX.2 prices "1MP" at the 1024 x 1024 default (https://docs.bfl.ai/quick_start/pricing)
+_TRANSIENT = (RateLimited, ProviderUnavailable, ProviderTimeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """One model's size rule: how it takes a size, the limits, and the rule in words (for warnings)."""
+
+    takes: str  # "size": width/height; "ratio": aspect_ratio at a fixed area; "image": the init image's size
+    rules: SizeRules
+    rule: str
+    area: int = 0  # "ratio" models: the pixels they make at any ratio
+    multiple: int = 32  # "ratio" models: what their sides are multiples of
+
+
+# Each model's size rule, from BFL's published reference:
+_GEOMETRY: dict[str, Geometry] = {
+    # FluxPro11Inputs.width/height: integer, multipleOf 32, minimum 256, maximum 1440
+    # (https://docs.bfl.ai/api-reference/tasks/generate-an-image-with-flux-11-[pro], from https://api.bfl.ai/openapi.json)
+    "flux-pro-1.1": Geometry("size", SizeRules(multiple=32, min_side=256, max_side=1440, max_pixels=1440 * 1440,
+                                               max_ratio=1440 / 256, native=(1024, 1024)),
+                             "width and height multiples of 32, 256-1440 px each"),
+    # FLUX.2 [pro]: width/height >= 64 and multiples of 16 (BFL's SDK, github.com/black-forest-labs/blackforest
+    # src/blackforest/types/inputs/flux_pro_2.py; github.com/black-forest-labs/skills bfl-api/references/endpoints.md
+    # "Minimum: 64x64, Maximum: 4MP total, Multiple of: 16"); "Maximum 4 megapixels (e.g., 2048 × 2048) … Aspect ratio:
+    # Any" (https://help.bfl.ai/articles/1691577414-can-i-generate-different-aspect-ratios-compared-to-what-the-input-image-is)
+    "flux-2-pro": Geometry("size", SizeRules(multiple=16, min_side=64, max_side=4 * MEGAPIXEL // 64,
+                                             max_pixels=4 * MEGAPIXEL, max_ratio=4 * MEGAPIXEL / 64**2,
+                                             native=(1024, 1024)),
+                           "width and height multiples of 16, at least 64 px, at most 4 MP (2048x2048)"),
+    # aspect_ratio "between 21:9 and 9:21" (FluxUltraInput, https://api.bfl.ai/openapi.json); "Generate up to 4MP"
+    # (https://docs.bfl.ai/flux_models/flux_1_1_pro_ultra_raw). The rounding of its sides is unpublished: multiples
+    # of 32, as BFL's 1536x2688 examples there are.
+    "flux-pro-1.1-ultra": Geometry("ratio", SizeRules(multiple=32, min_side=256, max_side=4096,
+                                                      max_pixels=8 * MEGAPIXEL, max_ratio=21 / 9,
+                                                      native=(2048, 2048)),
+                                   "an aspect_ratio between 9:21 and 21:9 at about 4 MP", area=4 * MEGAPIXEL),
+    # FluxKontextProInputs.aspect_ratio "between 21:9 and 9:21" (https://api.bfl.ai/openapi.json); "Kontext outputs at
+    # a fixed ~1MP resolution … nearest multiples of 32 pixels" (help.bfl.ai article above)
+    "flux-kontext-pro": Geometry("ratio", SizeRules(multiple=32, min_side=256, max_side=2048,
+                                                    max_pixels=2 * MEGAPIXEL, max_ratio=21 / 9,
+                                                    native=(1024, 1024)),
+                                 "an aspect_ratio between 9:21 and 21:9 at about 1 MP", area=MEGAPIXEL),
+    # FluxProFillInputs has no size field and "The mask should be the same dimensions as the image": the output is
+    # the image's size (https://api.bfl.ai/openapi.json, docs.bfl.ai API reference "Generate an image with FLUX.1
+    # Fill [pro] using an input image and mask")
+    "flux-pro-1.0-fill": Geometry("image", SizeRules(multiple=1, min_side=64, max_side=8192, max_pixels=8192**2,
+                                                     max_ratio=128.0, native=(1024, 1024)),
+                                  "the init image's own size"),
+}
+_RATIO_RANGE = (9 / 21, 21 / 9)
+
+
+def _caps(model: str, tasks: set[Task], quality: float, **kw: Any) -> Capabilities:
+    return Capabilities(tasks=frozenset(tasks), sizes=_GEOMETRY[model].rules, max_n=8, seed=True, quality=quality,
+                        output_formats=_FORMATS, **kw)
+
+
 _CAPS: dict[str, Capabilities] = {
-    "flux-pro-1.1": Capabilities(tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=8, seed=True, quality=0.85,
-                                 output_formats=_FORMATS),
-    "flux-2-pro": Capabilities(tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=8, seed=True, quality=0.9,
-                               output_formats=_FORMATS),
-    "flux-pro-1.1-ultra": Capabilities(tasks=frozenset({"txt2img"}), sizes=_RATIO_RULES, max_n=8, seed=True,
-                                       quality=0.9, output_formats=_FORMATS),
-    "flux-kontext-pro": Capabilities(tasks=frozenset({"txt2img", "img2img"}), sizes=_RATIO_RULES, max_n=8,
-                                     seed=True, quality=0.85, output_formats=_FORMATS),
-    "flux-pro-1.0-fill": Capabilities(tasks=frozenset({"inpaint"}), sizes=_SIZES, max_n=8, seed=True, steps=True,
-                                      guidance=True, quality=0.85, output_formats=_FORMATS),
+    "flux-pro-1.1": _caps("flux-pro-1.1", {"txt2img"}, 0.85),
+    # "All FLUX.2 models support image editing via the `input_image` parameter" (github.com/black-forest-labs/skills
+    # skills/bfl-api/SKILL.md)
+    "flux-2-pro": _caps("flux-2-pro", {"txt2img", "img2img"}, 0.9),
+    "flux-pro-1.1-ultra": _caps("flux-pro-1.1-ultra", {"txt2img"}, 0.9),
+    "flux-kontext-pro": _caps("flux-kontext-pro", {"txt2img", "img2img"}, 0.85),
+    "flux-pro-1.0-fill": _caps("flux-pro-1.0-fill", {"inpaint"}, 0.85, steps=True, guidance=True),
 }
 
 
-def ratio_size(ratio: float, area: int) -> tuple[int, int]:
-    """The shape an ``aspect_ratio`` model makes: about ``area`` pixels, sides multiples of 16."""
-    return max(16, round(math.sqrt(area * ratio) / 16) * 16), max(16, round(math.sqrt(area / ratio) / 16) * 16)
+def ratio_size(ratio: float, area: int, multiple: int = 32) -> tuple[int, int]:
+    """The shape an ``aspect_ratio`` model makes: about ``area`` pixels, sides multiples of ``multiple``."""
+    m = multiple
+    return max(m, round(math.sqrt(area * ratio) / m) * m), max(m, round(math.sqrt(area / ratio) / m) * m)
+
+
+def nearest_size(rules: SizeRules, ratio: float, area: float) -> tuple[int, int]:
+    """The shape ``rules`` allow closest to ``ratio`` at about ``area`` pixels. The area is first brought within
+    what the side limits leave at that ratio (a 1440-px side caps a 16:9 shape at 1440x810), so a wide or tall
+    request lands on the nearest wide or tall shape, not on the default one."""
+    ratio = min(max(ratio, 1 / rules.max_ratio), rules.max_ratio)
+    elongation = max(ratio, 1 / ratio)
+    high = min(rules.max_pixels, rules.max_side**2 / elongation)
+    low = max(rules.min_pixels, rules.min_side**2 * elongation)
+    area = min(max(area, low), high)
+    return rules.nearest(max(1, round(math.sqrt(area * ratio))), max(1, round(math.sqrt(area / ratio))))
+
+
+def started_megapixels(width: int, height: int) -> int:
+    """Megapixels of 1024x1024 pixels, each started one counted (at least 1)."""
+    return max(1, math.ceil(width * height / MEGAPIXEL))
 
 
 class BFLProvider(Provider):
@@ -79,6 +154,8 @@ class BFLProvider(Provider):
     ``api_key`` defaults to ``BFL_API_KEY``. Without ``base_url`` the regions are the
     global, eu and us hosts; with it, "global" plus the regions in ``region_base_urls``
     (which replace a region's host: a proxy, a sandbox). ``fetcher`` downloads outputs.
+    A Ready task's sample is downloaded up to ``download_attempts`` times, ``download_backoff_s``
+    doubling between tries (within the call's time), before the call fails with the task's bill.
     """
 
     kind = "bfl"
@@ -93,11 +170,12 @@ class BFLProvider(Provider):
         models: Sequence[str] = MODELS,
         fetcher: SafeFetcher | None = None,
         poll_interval_s: float = 0.5,
+        download_attempts: int = 4,
+        download_backoff_s: float = 0.5,
         prices: PriceTable | None = None,
     ) -> None:
         super().__init__(name=name, prices=prices)
-        key = api_key if api_key is not None else os.environ.get("BFL_API_KEY")
-        self._api_key = SecretStr(key) if isinstance(key, str) else key
+        self._key = ApiKey(api_key, "BFL_API_KEY")
         base = base_url or os.environ.get("BFL_BASE_URL") or None
         overrides = {r: u.rstrip("/") for r, u in (region_base_urls or {}).items()}
         if base is None:
@@ -110,10 +188,14 @@ class BFLProvider(Provider):
         unknown_models = set(models) - set(_CAPS)
         if unknown_models:
             raise ValueError(f"unknown BFL models {sorted(unknown_models)}; use {', '.join(MODELS)}")
+        if download_attempts < 1:
+            raise ValueError("download_attempts must be at least 1")
         self._models = tuple(models)
         self._regions = frozenset(self._hosts)
         self._fetcher = fetcher or SafeFetcher()
         self._poll_interval_s = poll_interval_s
+        self._download_attempts = download_attempts
+        self._download_backoff_s = download_backoff_s
         self._client: httpx.AsyncClient | None = None
 
     # --- what it can do ----------------------------------------------------------
@@ -128,19 +210,18 @@ class BFLProvider(Provider):
         return _OPTIONS
 
     def configuration_problem(self) -> str | None:
-        if self._api_key is None or not self._api_key.get_secret_value():
-            return "not configured: set BFL_API_KEY"
-        return None
+        return self._key.problem()
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
         warnings = [w for w in base.warnings if w != base.size.warning]
-        if model == "flux-pro-1.0-fill":
-            size = self._fill_size(request)
-        elif model in _RATIO_AREA:
+        geometry = _GEOMETRY[model]
+        if geometry.takes == "image":
+            size = self._fill_size(request, model)
+        elif geometry.takes == "ratio":
             size = self._ratio_plan(request, model)
         else:
-            size = base.size
+            size = self._sized_plan(request, model)
         options = request.provider_options.get(self.name, {})
         if "raw" in options and model != "flux-pro-1.1-ultra":
             warnings.append(f"provider_options.{self.name}.raw ignored: only flux-pro-1.1-ultra takes it")
@@ -152,40 +233,116 @@ class BFLProvider(Provider):
                             f"{self.name}.output_format {option_fmt}")
         return Plan(size, tuple(([size.warning] if size.warning else []) + warnings))
 
-    def _fill_size(self, request: ImageRequest) -> SizePlan:
+    def _sized_plan(self, request: ImageRequest, model: str) -> SizePlan:
+        """width/height models: the size asked for where the model's rule allows it, else the nearest it does."""
+        geometry = _GEOMETRY[model]
+        rules = geometry.rules
+        if request.width is not None and request.height is not None:
+            if rules.allows(request.width, request.height):
+                return SizePlan(request.width, request.height)
+            w, h = nearest_size(rules, request.width / request.height, request.width * request.height)
+            return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes "
+                                  f"{geometry.rule}", False)
+        if request.aspect_ratio is not None:
+            asked = parse_ratio(request.aspect_ratio)
+            w, h = nearest_size(rules, asked, rules.native[0] * rules.native[1])
+            if abs(math.log((w / h) / asked)) > 0.02:
+                return SizePlan(w, h, f"aspect ratio {request.aspect_ratio} adapted to {w}x{h}: {model} takes "
+                                      f"{geometry.rule}", False)
+            return SizePlan(w, h)
+        src = request.init_image
+        if model == "flux-2-pro" and src is not None and src.width and src.height:
+            # an edit keeps the init image's shape by default
+            w, h = nearest_size(rules, src.width / src.height, src.width * src.height)
+            if (w, h) != (src.width, src.height):
+                return SizePlan(w, h, f"output {w}x{h}: the init image's {src.width}x{src.height} on {model}'s rule "
+                                      f"({geometry.rule})")
+            return SizePlan(w, h)
+        return SizePlan(*rules.native)
+
+    def _fill_size(self, request: ImageRequest, model: str) -> SizePlan:
         src = request.init_image
         if src is None or not (src.width and src.height):
-            return SizePlan(*_SIZES.native)
+            return SizePlan(*_GEOMETRY[model].rules.native)
         asked = (request.width, request.height)
         if request.width is not None and asked != (src.width, src.height):
             return SizePlan(src.width, src.height, f"size {request.width}x{request.height} adapted to "
-                            f"{src.width}x{src.height}: flux-pro-1.0-fill keeps the init image's size", False)
+                            f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}", False)
+        if request.aspect_ratio is not None and abs(math.log(parse_ratio(request.aspect_ratio)
+                                                             / (src.width / src.height))) > 0.02:
+            return SizePlan(src.width, src.height, f"aspect ratio {request.aspect_ratio} adapted to "
+                            f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}", False)
         return SizePlan(src.width, src.height)
 
     def _ratio_plan(self, request: ImageRequest, model: str) -> SizePlan:
+        geometry = _GEOMETRY[model]
         ratio = _ratio_of(request)
-        clamped = min(max(ratio, 9 / 21), 21 / 9)
-        w, h = ratio_size(clamped, _RATIO_AREA[model])
+        clamped = min(max(ratio, _RATIO_RANGE[0]), _RATIO_RANGE[1])
+        w, h = ratio_size(clamped, geometry.area, geometry.multiple)
         if request.width is not None and (request.width, request.height) != (w, h):
-            return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} makes about "
-                            f"{_RATIO_AREA[model] / 1024**2:.0f} MP at the requested aspect ratio", False)
+            return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes "
+                                  f"{geometry.rule}", False)
         if abs(math.log(clamped / ratio)) > 0.02:
-            return SizePlan(w, h, f"aspect ratio {ratio:.2f} adapted to {w}x{h}: {model} takes 9:21 to 21:9", False)
+            return SizePlan(w, h, f"aspect ratio {ratio:.2f} adapted to {w}x{h}: {model} takes {geometry.rule}",
+                            False)
         return SizePlan(w, h)
 
     # --- cost --------------------------------------------------------------------
 
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
         row = self.price_row(model)
-        credits = row.rate("credits_per_image") * request.n
-        return Estimate(credits * row.rate("usd_per_credit"), float(row.rates.get("latency_s", 10.0)), "credits",
-                        credits)
+        size = self.plan(request, model).size
+        inputs = self._input_sizes(request, model)
+        per_image = self._credits(row, model, (size.width, size.height), inputs)
+        worst = per_image
+        if model == "flux-2-pro" and request.init_image is not None and None in inputs:
+            # an input image not fetched yet: count it at the 4 MP BFL resizes inputs to, at worst
+            worst = self._credits(row, model, (size.width, size.height), [(2048, 2048)])
+        usd = row.rate("usd_per_credit")
+        return Estimate(per_image * request.n * usd, float(row.rates.get("latency_s", 10.0)), "credits",
+                        per_image * request.n, max_cost_usd=worst * request.n * usd if worst != per_image else None)
 
-    def _billing(self, model: str, task_ids: list[str]) -> Billing:
+    @staticmethod
+    def _input_sizes(request: ImageRequest, model: str) -> list[tuple[int, int] | None]:
+        """The sizes of the images a FLUX.2 task is billed for as inputs (None: not known yet)."""
+        src = request.init_image
+        if model != "flux-2-pro" or src is None:
+            return []
+        return [(src.width, src.height) if src.width and src.height else None]
+
+    @staticmethod
+    def _credits(row: PriceRow, model: str, output: tuple[int, int],
+                 inputs: Sequence[tuple[int, int] | None]) -> Decimal:
+        """Credits for one task at the price table's rates."""
+        if "credits_first_mp" not in row.rates:
+            return row.rate("credits_per_image")
+        # FLUX.2: first MP flat, each further output MP and each input MP at the per-MP rate, per started MP
+        # (rule: github.com/black-forest-labs/skills skills/bfl-api/SKILL.md; rows: providers/prices/bfl.toml)
+        credits = row.rate("credits_first_mp") + (started_megapixels(*output) - 1) * row.rate("credits_per_extra_mp")
+        for size in inputs:
+            credits += (started_megapixels(*size) if size else 1) * row.rate("credits_per_input_mp")
+        return credits
+
+    def _bill(self, model: str, task_id: str, submitted: Mapping[str, Any], output: tuple[int, int],
+              inputs: Sequence[tuple[int, int] | None]) -> tuple[Billing, str | None]:
+        """A Ready task's bill: the ``cost`` BFL reported for it (AsyncResponse.cost, "Cost in credits for this
+        request", https://api.bfl.ai/openapi.json), else the price table's; and a warning where they differ."""
         row = self.price_row(model)
-        credits = row.rate("credits_per_image") * len(task_ids)
-        return Billing(credits * row.rate("usd_per_credit"), "credits", credits, self.prices.version,
-                       {"credits": str(credits), "tasks": task_ids})
+        table = self._credits(row, model, output, inputs)
+        reported = submitted.get("cost")
+        by_vendor = isinstance(reported, int | float) and not isinstance(reported, bool) and reported >= 0
+        credits = Decimal(str(reported)) if by_vendor else table
+        credits = table if credits == table else credits
+        warning = None
+        if credits != table:
+            warning = (f"BFL billed {_num(credits)} credits for task {task_id}; the price table "
+                       f"({self.prices.version}) expects {_num(table)}")
+        details: dict[str, Any] = {"credits": _num(credits), "tasks": [task_id],
+                                   "billed_by": "vendor" if by_vendor else "price table"}
+        for key in ("output_mp", "input_mp"):
+            if isinstance(submitted.get(key), int | float):
+                details[key] = submitted[key]
+        return Billing(credits * row.rate("usd_per_credit"), "credits", credits, self.prices.version, details), warning
 
     # --- the call ----------------------------------------------------------------
 
@@ -200,40 +357,51 @@ class BFLProvider(Provider):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            key = self._api_key.get_secret_value() if self._api_key else ""
-            self._client = httpx.AsyncClient(headers={"x-key": key, "accept": "application/json"},
+            self._client = httpx.AsyncClient(headers={"x-key": self._key.value(), "accept": "application/json"},
                                              follow_redirects=False)
         return self._client
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
         plan = self.plan(request, model)
         host = self._host(request)
-        body = await self._body(request, model, plan)
+        body, inputs = await self._body(request, model, plan)
+        out = (plan.size.width, plan.size.height)
+        ready: list[Billing] = []  # every task that reached Ready: billed by BFL whatever happens next
+        warnings: list[str] = []
+        # Stop a little before the router's own deadline, so a timeout after a Ready task still carries its bill.
+        inner = max(timeout_s * 0.9, timeout_s - 0.25)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + inner
 
         async def one(i: int) -> tuple[str, GeneratedImage]:
             task_body = dict(body)
-            if request.seed is not None and i:
-                task_body["seed"] = (request.seed + i) % 2**32
-            return await self._task(host, model, task_body)
+            if request.seed is not None:
+                task_body["seed"] = seed_for(request.seed, i, 2**32)
+            return await self._task(host, model, task_body, out, inputs, deadline, ready, warnings)
 
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(inner):
                 fan = await fan_out(request.n, one)
         except TimeoutError:
-            raise ProviderTimeout(f"no result within {timeout_s:.1f}s", provider=self.name) from None
+            error = ProviderTimeout(f"no result within {inner:.1f}s", provider=self.name)
+            raise charged(error, combine(ready) if ready else None) from None
         ids = [task_id for task_id, _ in fan.done]
-        billing = combine([self._billing(model, ids), *billed_by(fan.errors)])
+        billing = combine(ready)
         return ProviderResponse([img for _, img in fan.done], model, billing, ids[0],
-                                warnings=fan.warnings(request.n))
+                                warnings=(*warnings, *fan.warnings(request.n)))
 
-    async def _body(self, request: ImageRequest, model: str, plan: Plan) -> dict[str, Any]:
+    async def _body(self, request: ImageRequest, model: str,
+                    plan: Plan) -> tuple[dict[str, Any], list[tuple[int, int] | None]]:
+        """The task's JSON body, and the sizes of the input images BFL bills (FLUX.2)."""
         options = request.provider_options.get(self.name, {})
         fmt = request.output_format if request.output_format in _FORMATS else "png"
         body: dict[str, Any] = {"prompt": request.prompt, "output_format": fmt,
                                 **{k: v for k, v in options.items()
                                    if k in _OPTIONS and (k != "raw" or model == "flux-pro-1.1-ultra")}}
+        inputs: list[tuple[int, int] | None] = []
         if request.seed is not None:
             body["seed"] = request.seed
+        takes = _GEOMETRY[model].takes
         if model == "flux-pro-1.0-fill":
             if request.init_image is None or request.mask_image is None:
                 raise InvalidRequestError(f"{model} needs init_image and mask_image", provider=self.name)
@@ -245,16 +413,22 @@ class BFLProvider(Provider):
                 body["steps"] = request.steps
             if request.guidance_scale is not None:
                 body["guidance"] = request.guidance_scale
-        elif model in _RATIO_AREA:
+        elif takes == "ratio":
             if request.init_image is not None:
                 body["input_image"] = _b64(await load_bytes(request.init_image, fetcher=self._fetcher))
             if request.width is not None or request.aspect_ratio is not None or request.init_image is None:
                 body["aspect_ratio"] = _ratio_sent(request, plan)
         else:
+            if request.init_image is not None:  # flux-2-pro edits
+                data = await load_bytes(request.init_image, fetcher=self._fetcher)
+                body["input_image"] = _b64(data)
+                inputs.append(image_size(data))
             body |= {"width": plan.size.width, "height": plan.size.height}
-        return body
+        return body, inputs
 
-    async def _task(self, host: str, model: str, body: dict[str, Any]) -> tuple[str, GeneratedImage]:
+    async def _task(self, host: str, model: str, body: dict[str, Any], out: tuple[int, int],
+                    inputs: list[tuple[int, int] | None], deadline: float, ready: list[Billing],
+                    warnings: list[str]) -> tuple[str, GeneratedImage]:
         client = self._http()
         submitted = await self._json(client.post(f"{host}/v1/{model}", json=body), None)
         task_id, polling_url = submitted.get("id"), submitted.get("polling_url")
@@ -263,12 +437,45 @@ class BFLProvider(Provider):
         if not _same_service(polling_url, host):
             raise MalformedResponse("polling_url points outside the API's hosts; not sent the key",
                                     provider=self.name, request_id=task_id)
+        polled = await self._until_ready(client, polling_url, task_id)
+        # Ready: BFL has billed the task ("Only successful generations (status: Ready) consume credits",
+        # https://help.bfl.ai/articles/4212278032-my-prompt-is-getting-moderated). From here on every failure
+        # carries this bill, and nothing re-submits the task.
+        billing, warning = self._bill(model, task_id, submitted, out, inputs)
+        ready.append(billing)
+        if warning:
+            warnings.append(warning)
+        try:
+            result = polled.get("result")
+            sample = result.get("sample") if isinstance(result, dict) else None
+            if not isinstance(sample, str):
+                raise MalformedResponse("Ready task without result.sample", provider=self.name, request_id=task_id)
+            data = await self._download(client, polling_url, task_id, sample, deadline)
+            w, h = image_size(data)
+        except ImageRouterError as exc:
+            raise charged(exc, billing) from None
+        seed = result.get("seed") if isinstance(result, dict) else None
+        image = GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h,
+                               seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+        return task_id, image
+
+    async def _until_ready(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> dict[str, Any]:
+        """Poll until the task is Ready. A transient poll failure is polled again (the task runs on: resubmitting
+        could pay twice); Error, moderation and a lost task end it, unbilled (help.bfl.ai article above)."""
+        misses = 0
         while True:
             await asyncio.sleep(self._poll_interval_s)
-            polled = await self._json(client.get(polling_url), task_id)
+            try:
+                polled = await self._json(client.get(polling_url), task_id)
+            except _TRANSIENT:
+                misses += 1
+                if misses >= 3:
+                    raise
+                continue
+            misses = 0
             status = polled.get("status")
             if status == "Ready":
-                break
+                return polled
             if status == "Pending":
                 continue
             kw: dict[str, Any] = {"provider": self.name, "code": status, "request_id": task_id}
@@ -279,34 +486,55 @@ class BFLProvider(Provider):
             if status == "Task not found":
                 raise ProviderUnavailable("the provider lost the task", **kw)
             raise MalformedResponse(f"unknown task status {str(status)[:40]!r}", **kw)
+
+    async def _download(self, client: httpx.AsyncClient, polling_url: str, task_id: str, sample: str,
+                        deadline: float) -> bytes:
+        """The sample's bytes. A failed download is tried again after a short backoff, with a fresh sample URL
+        from the polling URL when it gives one, while the call's time allows; the task is never re-run."""
+        loop = asyncio.get_running_loop()
+        failure = ""
+        tries = 0
+        for attempt in range(self._download_attempts):
+            if attempt:
+                wait = self._download_backoff_s * 2 ** (attempt - 1)
+                if loop.time() + wait >= deadline:
+                    break
+                await asyncio.sleep(wait)
+                sample = await self._fresh_sample(client, polling_url, task_id) or sample
+            tries += 1
+            try:
+                return await self._fetcher.fetch(sample)
+            except ImageDecodeError:
+                raise MalformedResponse("sample is not an image", provider=self.name, request_id=task_id) from None
+            except (ProviderUnavailable, ProviderTimeout) as exc:
+                failure = exc.message
+            except httpx.HTTPError as exc:  # the connection dropped mid-download
+                failure = f"connection failed ({type(exc).__name__})"
+            except ImageRouterError as exc:  # a URL the fetcher refuses, an oversized body: trying again won't help
+                raise MalformedResponse(f"sample not downloadable ({exc.message})", provider=self.name,
+                                        request_id=task_id) from None
+        raise ProviderUnavailable(f"sample download failed {tries} time(s) ({failure}); the task was billed",
+                                  provider=self.name, request_id=task_id)
+
+    async def _fresh_sample(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> str | None:
+        """The sample URL a new poll of a Ready task gives, or None."""
+        try:
+            polled = await self._json(client.get(polling_url), task_id)
+        except ImageRouterError:
+            return None
         result = polled.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if not isinstance(sample, str):
-            raise MalformedResponse("Ready task without result.sample", provider=self.name, request_id=task_id)
-        try:
-            data = await self._fetcher.fetch(sample)
-        except ImageRouterError as exc:
-            raise ProviderUnavailable(f"sample download failed ({exc.message}); it may have expired",
-                                      provider=self.name, request_id=task_id) from None
-        seed = result.get("seed") if isinstance(result, dict) else None
-        try:
-            w, h = image_size(data)
-        except ImageDecodeError:
-            raise MalformedResponse("sample is not an image", provider=self.name, request_id=task_id) from None
-        image = GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h,
-                               seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
-        return task_id, image
+        sample = result.get("sample") if polled.get("status") == "Ready" and isinstance(result, dict) else None
+        return sample if isinstance(sample, str) else None
 
     async def _json(self, call: Any, task_id: str | None) -> dict[str, Any]:
         try:
             response: httpx.Response = await call
-        except httpx.TimeoutException:
-            raise ProviderTimeout("the request timed out", provider=self.name, request_id=task_id) from None
         except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"could not connect ({type(exc).__name__})", provider=self.name,
-                                      request_id=task_id) from None
+            raise connection_error(exc, provider=self.name, request_id=task_id) from None
         if response.status_code != 200:
-            raise _status_error(response, self.name, task_id)
+            text, code = _detail(response)
+            raise status_error(response.status_code, text, provider=self.name, code=code, request_id=task_id,
+                               headers=response.headers)
         try:
             payload = response.json()
         except ValueError:
@@ -320,6 +548,11 @@ class BFLProvider(Provider):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _num(value: Decimal) -> str:
+    """A Decimal as plain digits without trailing zeros: 8.0 → "8", 4.50 → "4.5"."""
+    return format(value.normalize(), "f")
 
 
 def _b64(data: bytes) -> str:
@@ -346,7 +579,7 @@ def _ratio_sent(request: ImageRequest, plan: Plan) -> str:
         w, h = request.width, request.height
     else:
         w, h = plan.size.width, plan.size.height
-    if not 9 / 21 <= w / h <= 21 / 9:
+    if not _RATIO_RANGE[0] <= w / h <= _RATIO_RANGE[1]:
         w, h = plan.size.width, plan.size.height
     g = math.gcd(w, h)
     return f"{w // g}:{h // g}"
@@ -363,28 +596,19 @@ def _same_service(url: str, host: str) -> bool:
     return target.scheme == "https" and (target.host == "bfl.ai" or target.host.endswith(".bfl.ai"))
 
 
-def _status_error(response: httpx.Response, provider: str, task_id: str | None) -> ImageRouterError:
-    """An HTTP error answer as the router's error class; the message holds only the vendor's detail."""
-    status = response.status_code
-    detail = ""
+def _detail(response: httpx.Response) -> tuple[str, str | None]:
+    """BFL's error detail (FastAPI's ``{"detail": "…"}`` or the 422 list of ``{loc, msg, type}``) as
+    ``HTTP status: loc: msg; …`` and the first validation error's type. Never a secret."""
+    detail, code = "", None
     try:
         body = response.json()
-        raw = body.get("detail") if isinstance(body, dict) else None
-        if isinstance(raw, list):
-            detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}"
-                               for e in raw if isinstance(e, dict))
-        elif raw is not None:
-            detail = str(raw)
     except ValueError:
-        pass
-    text = f"HTTP {status}" + (f": {redact(detail)[:300]}" if detail else "")
-    kw: dict[str, Any] = {"provider": provider, "status_code": status, "request_id": task_id}
-    if status in (401, 403):
-        return AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
-    if status == 402:
-        return InsufficientCredits(text, **kw)
-    if status == 429:
-        return RateLimited(text, retry_after=retry_after_s(response.headers), **kw)
-    if status in (400, 404, 413, 422):
-        return InvalidRequestError(text, **kw)
-    return ProviderUnavailable(text, **kw)
+        body = None
+    raw = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(raw, list):
+        items = [e for e in raw if isinstance(e, dict)]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []))}: {e.get('msg', '')}" for e in items)
+        code = str(items[0].get("type")) if items and items[0].get("type") is not None else None
+    elif raw is not None:
+        detail = str(raw)
+    return f"HTTP {response.status_code}" + (f": {redact(detail)[:300]}" if detail else ""), code

@@ -7,16 +7,27 @@ Outputs are URLs that expire: they are downloaded at once through the
 :class:`~router.fetch.SafeFetcher`. Official models cost the price table's per-output
 rate; pinned versions (``POST /v1/predictions {version, input}``) cost
 ``metrics.predict_time`` × the hardware's $/s.
-Which inputs a model takes comes from :data:`CATALOG`. The client's retries are off.
+
+Paid work is never paid twice: once a prediction has succeeded its outputs are downloaded
+again (a few times, inside the deadline, re-reading the prediction between tries), never
+re-generated; when they still cannot be had, the error carries the prediction's bill
+(:func:`providers.vendor.charged`), so the router charges it and moves to the next candidate
+instead of running the same prediction again. A failed or cancelled version-model prediction
+that ran carries its ``predict_time`` bill the same way.
+
+Input images over Replicate's inline limit go through the Files API (``POST /v1/files``)
+and are passed by the file's ``urls.get``. Which inputs a model takes comes from
+:data:`CATALOG`. The client's own retries are off (the router owns retries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import contextvars
+import io
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +38,11 @@ import httpx
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import billed_by, combine, fan_out, retry_after_s
+from providers.vendor import ApiKey, billed_by, charged, combine, connection_error, fan_out, seed_for, status_error
 from router.errors import (
-    AuthenticationError,
     ContentPolicyError,
+    Disposition,
     ImageRouterError,
-    InsufficientCredits,
     InvalidRequestError,
     MalformedResponse,
     ProviderTimeout,
@@ -59,8 +69,41 @@ _FORMATS = frozenset({"png", "jpeg", "webp"})
 _FORMAT_SENT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _OPTIONS = frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker", "safety_tolerance",
                       "prompt_upsampling"})
-_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-_POLICY_WORDS = ("nsfw", "sensitive", "safety", "flagged")
+
+# The six prediction statuses; the last four are final. "canceled": cancelled by a user or its deadline while
+# running; "aborted": ended before it started running.
+# Source: Replicate's OpenAPI document https://api.replicate.com/openapi.json (vendored as
+# tests/specs/replicate.openapi.json), schemas_prediction_response.status.
+_TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+# Replicate's prediction error codes (``E####`` in the error text), checked before any keyword.
+# https://replicate.com/docs/reference/error-codes documents the format and E1000 (unknown error), E1001 (model
+# out of memory), E4875 (webhook URL empty), E6716 (timeout starting the prediction). E005 is not on that page
+# (it lists 4-digit codes from E1000): it is the code of Replicate's moderation refusal as failed predictions
+# word it, "The input or output was flagged as sensitive. Please try again with different inputs. (E005)"
+# (seen in users' reports of Replicate errors; not confirmed in Replicate's reference).
+_ERROR_CODES: dict[str, type[ImageRouterError]] = {
+    "E005": ContentPolicyError,
+    "E1000": ProviderUnavailable,
+    "E1001": InvalidRequestError,  # the input is too big for this model: another candidate may serve it
+    "E4875": InvalidRequestError,
+    "E6716": ProviderUnavailable,
+}
+_CODE = re.compile(r"\b(E\d{3,4})\b")
+# The fallback when a failed prediction carries no code: words moderation refusals use
+# (flux's "NSFW content detected", "flagged as sensitive", "moderation", "content policy", "safety").
+_POLICY_WORDS = ("nsfw", "sensitive", "safety", "flagged", "moderat", "content policy")
+
+# Data URLs are for small files; bigger ones go through the Files API and are passed by URL.
+# The spec's prediction ``input`` description: "Use a data URL when you have a small file <= 256kb …
+# Use an HTTP URL when you have a large file > 256kb" (https://api.replicate.com/openapi.json, vendored as
+# tests/specs/replicate.openapi.json: schemas_version_prediction_request.input).
+# (https://replicate.com/docs/topics/predictions/input-files recommends data URIs only "if the file is less
+# than 1MB"; the spec's stricter 256 kB is used.)
+INLINE_MAX_BYTES = 256 * 1024
+
+_POLL_ERRORS_MAX = 3  # consecutive failed polls before giving the prediction up (then it is cancelled)
+_DOWNLOAD_ATTEMPTS = 4  # tries per output file of a succeeded prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,20 +171,46 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 MODELS = tuple(CATALOG)
 
-_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar("replicate_retry_after", default=None)
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The last HTTP answer the client received in this task: its status, headers and JSON body."""
+
+    status: int
+    headers: httpx.Headers
+    body: Any
 
 
-class _HeaderTransport(httpx.AsyncHTTPTransport):
-    """Keeps the last answer's Retry-After, which the client's ReplicateError drops."""
+_answer: contextvars.ContextVar[_Answer | None] = contextvars.ContextVar("replicate_answer", default=None)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await super().handle_async_request(request)
-        _retry_after.set(retry_after_s(response.headers) if response.status_code in (429, 503) else None)
-        return response
+
+async def _keep_answer(response: httpx.Response) -> None:
+    """An httpx response hook: keep the answer, which the client's ReplicateError and Prediction drop
+    (Retry-After; statuses its Prediction model does not list, such as ``aborted``)."""
+    await response.aread()
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    _answer.set(_Answer(response.status_code, response.headers, body))
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """One succeeded prediction: its id, the images downloaded, its bill and what to tell the caller."""
+
+    pid: str
+    images: list[GeneratedImage]
+    billing: Billing
+    warnings: tuple[str, ...] = ()
 
 
 class ReplicateProvider(Provider):
-    """Replicate's prediction API. ``api_token`` defaults to ``REPLICATE_API_TOKEN``."""
+    """Replicate's prediction API. ``api_token`` defaults to ``REPLICATE_API_TOKEN``.
+
+    ``download_backoff_s``: the first wait before downloading a succeeded prediction's output again
+    (doubling, at most :data:`_DOWNLOAD_ATTEMPTS` tries, inside the deadline).
+    """
 
     kind = "replicate"
 
@@ -156,10 +225,10 @@ class ReplicateProvider(Provider):
         poll_interval_s: float = 0.5,
         max_wait_s: int = 60,
         prices: PriceTable | None = None,
+        download_backoff_s: float = 0.25,
     ) -> None:
         super().__init__(name=name, prices=prices)
-        token = api_token if api_token is not None else os.environ.get("REPLICATE_API_TOKEN")
-        self._token = SecretStr(token) if isinstance(token, str) else token
+        self._key = ApiKey(api_token, "REPLICATE_API_TOKEN")
         self._base_url = base_url or os.environ.get("REPLICATE_BASE_URL") or None
         unknown = set(models) - set(CATALOG)
         if unknown:
@@ -168,7 +237,9 @@ class ReplicateProvider(Provider):
         self._fetcher = fetcher or SafeFetcher()
         self._poll_interval_s = poll_interval_s
         self._max_wait_s = max(1, min(60, max_wait_s))
+        self._download_backoff_s = download_backoff_s
         self._client: Any = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
 
     # --- what it can do ----------------------------------------------------------
 
@@ -182,9 +253,7 @@ class ReplicateProvider(Provider):
         return _OPTIONS
 
     def configuration_problem(self) -> str | None:
-        if self._token is None or not self._token.get_secret_value():
-            return "not configured: set REPLICATE_API_TOKEN"
-        return None
+        return self._key.problem()
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
@@ -224,21 +293,55 @@ class ReplicateProvider(Provider):
         n = Decimal(request.n)
         return Estimate(row.rate("usd_per_output") * n, float(row.rates.get("latency_s", 5.0)), "outputs", n)
 
-    def _billing(self, model: str, ids: list[str], outputs: int, metrics: list[dict[str, Any]]) -> Billing:
+    def _seconds_billing(self, model: str, pid: str, status: str, seconds: Decimal,
+                         predict_time: Any) -> Billing:
         entry = CATALOG[model]
-        times = [m.get("predict_time") for m in metrics]
-        details = {"predictions": ids, "predict_time": times}
+        row = self.price_row(entry.hardware)
+        return Billing(row.rate("usd_per_second") * seconds, "seconds", seconds, self.prices.version,
+                       {"predictions": [pid], "status": status, "predict_time": [predict_time],
+                        "hardware": entry.hardware})
+
+    def _billing(self, model: str, pid: str, prediction: dict[str, Any], outputs: int) -> tuple[Billing, str | None]:
+        """What a succeeded prediction costs, and a warning when a fact behind it had to be estimated.
+
+        Official models: the price per output × the outputs it made. Pinned versions:
+        ``metrics.predict_time`` × the hardware's $/s (Replicate bills public models for the time
+        they run: https://replicate.com/docs/topics/billing).
+        """
+        entry = CATALOG[model]
+        predict_time = _predict_time(prediction)
         if entry.version is not None:
-            if not all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
-                raise MalformedResponse("succeeded prediction without metrics.predict_time", provider=self.name,
-                                        request_id=ids[0])
-            seconds = sum((Decimal(str(t)) for t in times), Decimal(0))
-            row = self.price_row(entry.hardware)
-            return Billing(row.rate("usd_per_second") * seconds, "seconds", seconds, self.prices.version,
-                           details | {"hardware": entry.hardware})
+            if predict_time is None:
+                seconds = Decimal(str(entry.expected_predict_s))
+                return (self._seconds_billing(model, pid, "succeeded", seconds, None),
+                        f"prediction {pid} reported no metrics.predict_time: its cost is estimated "
+                        f"({seconds} s at the {entry.hardware} rate)")
+            return self._seconds_billing(model, pid, "succeeded", predict_time, float(predict_time)), None
         row = self.price_row(model)
         count = Decimal(outputs)
-        return Billing(row.rate("usd_per_output") * count, "outputs", count, self.prices.version, details)
+        return Billing(row.rate("usd_per_output") * count, "outputs", count, self.prices.version,
+                       {"predictions": [pid], "predict_time": [_raw_predict_time(prediction)]}), None
+
+    def _ran_billing(self, model: str, pid: str, prediction: dict[str, Any] | None) -> Billing | None:
+        """What a prediction that did not succeed (failed, cancelled, given up) was billed, or None.
+
+        A pinned version is billed for the time it ran, whatever the outcome (metrics.predict_time,
+        https://replicate.com/docs/topics/billing); an official model bills per output made, so nothing.
+        """
+        if prediction is None or CATALOG[model].version is None:
+            return None
+        seconds = _predict_time(prediction)
+        if seconds is None or seconds <= 0:
+            return None
+        return self._seconds_billing(model, pid, str(prediction.get("status")), seconds, float(seconds))
+
+    def _spent(self, model: str, pid: str, final: dict[str, Any] | None, inp: dict[str, Any]) -> Billing | None:
+        """What a prediction given up on was billed, from its last known state: a cancel can come too late,
+        when it has already succeeded (then its outputs are paid for)."""
+        if final is not None and final["status"] == "succeeded":
+            urls = _output_urls(final)
+            return self._billing(model, pid, final, len(urls) if urls else int(inp.get("num_outputs", 1)))[0]
+        return self._ran_billing(model, pid, final)
 
     # --- the call ----------------------------------------------------------------
 
@@ -246,35 +349,39 @@ class ReplicateProvider(Provider):
         if self._client is None:
             import replicate  # lazy: ``import router`` must not import the SDK
 
-            token = self._token.get_secret_value() if self._token else ""
-            client = replicate.Client(api_token=token, base_url=self._base_url,
-                                      transport=_HeaderTransport(), follow_redirects=False)
-            transport: Any = client._async_client._transport  # the client's RetryTransport
-            transport.max_attempts = 1  # the router owns retries
-            self._client = client
+            # replicate.Client passes its keyword arguments to httpx.AsyncClient, and wraps any ``transport=``
+            # in its RetryTransport (up to 10 tries of GETs on 429/503/504). httpx's public ``mounts`` option
+            # routes every URL ("all://") to a transport of ours instead, so the client never retries: the
+            # router owns retries. The response hook keeps each answer's headers and body.
+            self._transport = httpx.AsyncHTTPTransport()
+            self._client = replicate.Client(
+                api_token=self._key.value(), base_url=self._base_url, follow_redirects=False,
+                mounts={"all://": self._transport}, event_hooks={"response": [_keep_answer]},
+            )
         return self._client
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
         entry = CATALOG[model]
         plan = self.plan(request, model)
-        body = await self._input(request, model, plan)
-        deadline = time.monotonic() + timeout_s
+        # End a little before the router's own cut, so that a bill is never lost to its timeout.
+        deadline = time.monotonic() + timeout_s - min(0.5, timeout_s * 0.1)
+        body = await self._input(request, model, plan, deadline)
 
-        async def one(i: int) -> tuple[str, list[GeneratedImage], dict[str, Any]]:
+        async def one(i: int) -> _Done:
             inp = dict(body)
-            if not entry.num_outputs and request.seed is not None and i:
-                inp["seed"] = (request.seed + i) % 2**32
-            return await self._predict(entry, inp, deadline, timeout_s)
+            seed = seed_for(request.seed, i, 2**32)
+            if seed is not None:
+                inp["seed"] = seed
+            return await self._predict(model, inp, deadline, timeout_s)
 
         calls = 1 if entry.num_outputs else request.n
         fan = await fan_out(calls, one)
-        done = fan.done
-        images = [img for _, imgs, _ in done for img in imgs]
-        ids = [pid for pid, _, _ in done]
-        billing = combine([self._billing(model, ids, len(images), [m for _, _, m in done]), *billed_by(fan.errors)])
-        return ProviderResponse(images, model, billing, ids[0], warnings=fan.warnings(calls))
+        images = [img for done in fan.done for img in done.images]
+        billing = combine([*(done.billing for done in fan.done), *billed_by(fan.errors)])
+        warnings = fan.warnings(calls) + tuple(w for done in fan.done for w in done.warnings)
+        return ProviderResponse(images, model, billing, fan.done[0].pid, warnings=warnings)
 
-    async def _input(self, request: ImageRequest, model: str, plan: Plan) -> dict[str, Any]:
+    async def _input(self, request: ImageRequest, model: str, plan: Plan, deadline: float) -> dict[str, Any]:
         entry = CATALOG[model]
         options = request.provider_options.get(self.name, {})
         inp: dict[str, Any] = {"prompt": request.prompt, **{k: v for k, v in options.items() if k in entry.options}}
@@ -299,93 +406,262 @@ class ReplicateProvider(Provider):
         if request.loras and entry.caps.max_loras:
             inp |= {"lora_weights": request.loras[0].ref, "lora_scale": request.loras[0].weight}
         if request.controls and entry.caps.control_kinds:
-            inp["control_image"] = _data_url(await load_bytes(request.controls[0].image, fetcher=self._fetcher))
+            inp["control_image"] = await self._file_input(
+                await load_bytes(request.controls[0].image, fetcher=self._fetcher), deadline)
         if request.mask_image is not None and request.init_image is not None and "inpaint" in entry.caps.tasks:
             image = await load_bytes(request.init_image, fetcher=self._fetcher)
             mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image, fetcher=self._fetcher),
                                                 what="mask_image"), image_size(image))
-            inp |= {"image": _data_url(image), "mask": _data_url(encode(mask, "png"))}
+            inp |= {"image": await self._file_input(image, deadline),
+                    "mask": await self._file_input(encode(mask, "png"), deadline)}
         if request.init_image is not None and "img2img" in entry.caps.tasks:
             data = await load_bytes(request.init_image, fetcher=self._fetcher)
-            inp["image"] = _data_url(data)
+            inp["image"] = await self._file_input(data, deadline)
             if request.strength is not None:
                 inp["prompt_strength"] = request.strength
         return inp
 
-    async def _predict(self, entry: CatalogEntry, inp: dict[str, Any], deadline: float,
-                       timeout_s: float) -> tuple[str, list[GeneratedImage], dict[str, Any]]:
+    async def _file_input(self, data: bytes, deadline: float) -> str:
+        """An input file as the prediction takes it: a data URL when small, else an uploaded file's URL."""
+        if len(data) <= INLINE_MAX_BYTES:
+            return _data_url(data)
+        return await self._upload(data, deadline)
+
+    async def _upload(self, data: bytes, deadline: float) -> str:
+        """``POST /v1/files`` (multipart ``content``); the prediction takes the file's ``urls.get``.
+
+        Spec: https://api.replicate.com/openapi.json ``POST /files``, ``schemas_file_response``.
+        """
+        client = self._replicate()
+        mime = sniff_mime(data) or "application/octet-stream"
+        name = "input." + {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(mime, "bin")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProviderTimeout("no time left to upload the input file", provider=self.name)
+        try:
+            async with asyncio.timeout(remaining):  # the client sends uploads without a timeout of its own
+                body = await self._call(client.files.async_create(io.BytesIO(data), filename=name,
+                                                                  content_type=mime), None)
+        except TimeoutError:
+            raise ProviderTimeout("the input file upload timed out", provider=self.name) from None
+        urls = body.get("urls") if isinstance(body, dict) else None
+        url = urls.get("get") if isinstance(urls, dict) else None
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise MalformedResponse("file upload answered without urls.get", provider=self.name)
+        return url
+
+    async def _predict(self, model: str, inp: dict[str, Any], deadline: float, timeout_s: float) -> _Done:
+        entry = CATALOG[model]
         client = self._replicate()
         wait = int(max(1, min(self._max_wait_s, deadline - time.monotonic())))
         if entry.version is not None:
             create = client.predictions.async_create(version=entry.version, input=inp, wait=wait)
         else:
             create = client.models.predictions.async_create(model=entry.ref, input=inp, wait=wait)
-        prediction = await self._call(create, None)
-        pid = prediction.id
-        while prediction.status not in _TERMINAL:
-            if time.monotonic() >= deadline:
-                await self._cancel(client, pid)
-                raise ProviderTimeout(f"no result within {timeout_s:.1f}s; prediction canceled",
-                                      provider=self.name, request_id=pid)
-            await asyncio.sleep(self._poll_interval_s)
-            prediction = await self._call(client.predictions.async_get(pid), pid)
-        if prediction.status == "failed":
-            raise _failed_error(prediction.error, self.name, pid)
-        if prediction.status == "canceled":
-            raise ProviderUnavailable("the prediction was canceled", provider=self.name, request_id=pid)
-        output = prediction.output
-        urls = output if isinstance(output, list) else [output]
-        if not urls or not all(isinstance(u, str) for u in urls):
-            raise MalformedResponse("succeeded prediction without output URLs", provider=self.name, request_id=pid)
-        seed = inp.get("seed")
-        images = [await self._download(u, pid, seed if isinstance(seed, int) and i == 0 else None)
-                  for i, u in enumerate(urls)]
-        return pid, images, dict(prediction.metrics or {})
+        prediction = _prediction(await self._call(create, None), self.name, None)
+        pid: str = prediction["id"]
+        failed_polls = 0
+        while prediction["status"] not in _TERMINAL:
+            now = time.monotonic()
+            if now >= deadline:
+                final = await self._cancel(client, pid)
+                raise charged(ProviderTimeout(f"no result within {timeout_s:.1f}s; prediction canceled",
+                                              provider=self.name, request_id=pid),
+                              self._spent(model, pid, final, inp))
+            await asyncio.sleep(min(self._poll_interval_s, deadline - now))
+            try:
+                prediction = _prediction(await self._call(client.predictions.async_get(pid), pid), self.name, pid)
+                failed_polls = 0
+            except ImageRouterError as exc:
+                # A poll only reads: a transient failure is polled again (the prediction runs on, and would be
+                # paid for twice if the router started another). Otherwise, or after a few, give it up.
+                failed_polls += 1
+                transient = exc.disposition is Disposition.RETRY
+                wait_s = exc.retry_after if isinstance(exc, RateLimited) and exc.retry_after else 0.0
+                if transient and failed_polls < _POLL_ERRORS_MAX and time.monotonic() + wait_s < deadline:
+                    await asyncio.sleep(wait_s)
+                    continue
+                final = await self._cancel(client, pid)
+                raise charged(exc, self._spent(model, pid, final, inp)) from None
+        status = prediction["status"]
+        if status != "succeeded":
+            raise charged(_ended_error(prediction, self.name, pid), self._ran_billing(model, pid, prediction))
+        return await self._collect(client, model, inp, prediction, deadline)
 
-    async def _download(self, url: str, pid: str, seed: int | None) -> GeneratedImage:
+    async def _collect(self, client: Any, model: str, inp: dict[str, Any], prediction: dict[str, Any],
+                       deadline: float) -> _Done:
+        """The outputs of a succeeded (so billed) prediction. Whatever fails from here on carries its bill."""
+        pid: str = prediction["id"]
+        urls = _output_urls(prediction)
+        billing, note = self._billing(model, pid, prediction, len(urls) if urls else int(inp.get("num_outputs", 1)))
+        warnings: tuple[str, ...] = (note,) if note else ()
         try:
-            data = await self._fetcher.fetch(url)
+            if urls is None:
+                raise MalformedResponse("succeeded prediction without output URLs", provider=self.name,
+                                        request_id=pid)
+            seed = inp.get("seed")
+            got = await self._download_all(client, pid, urls, seed if isinstance(seed, int) else None, deadline)
         except ImageRouterError as exc:
-            raise ProviderUnavailable(f"output download failed ({exc.message}); it may have expired",
-                                      provider=self.name, request_id=pid) from None
+            exc.request_id = exc.request_id or pid
+            raise charged(exc, billing) from None
+        images = [got[i] for i in sorted(got)]
+        if len(images) < len(urls):
+            warnings += (f"{len(images)} of {len(urls)} outputs of prediction {pid} could not be downloaded "
+                         "(they are paid for)",)
+        return _Done(pid, images, billing, warnings)
+
+    async def _download_all(self, client: Any, pid: str, urls: list[str], seed: int | None,
+                            deadline: float) -> dict[int, GeneratedImage]:
+        """Download every output, trying again (backing off, inside the deadline) the ones that failed, and
+        re-reading the prediction between tries: its answer may carry fresh URLs, or say its files are gone.
+        Raises when none could be had; returns what could, by output index."""
+        got: dict[int, GeneratedImage] = {}
+        last: ImageRouterError | None = None
+        for attempt in range(_DOWNLOAD_ATTEMPTS):
+            if attempt:
+                delay = self._download_backoff_s * 2 ** (attempt - 1)
+                if time.monotonic() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                fresh = await self._reread(client, pid)
+                if fresh is not None and fresh.get("data_removed") is True:
+                    last = ProviderUnavailable("the prediction's output files were removed", provider=self.name,
+                                               request_id=pid)
+                    break
+                fresh_urls = _output_urls(fresh) if fresh is not None else None
+                if fresh_urls is not None and len(fresh_urls) == len(urls):
+                    urls = fresh_urls
+            for i, url in enumerate(urls):
+                if i in got:
+                    continue
+                try:
+                    got[i] = await self._download(url, pid, seed if i == 0 else None, deadline)
+                except (ProviderUnavailable, ProviderTimeout) as exc:  # transient: try it again
+                    last = exc
+            if len(got) == len(urls):
+                break
+        if not got:
+            detail = f" ({last.message})" if last is not None else ""
+            raise ProviderUnavailable(f"output download failed{detail}; it may have expired",
+                                      provider=self.name, request_id=pid)
+        return got
+
+    async def _download(self, url: str, pid: str, seed: int | None, deadline: float) -> GeneratedImage:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProviderTimeout("no time left to download the output", provider=self.name, request_id=pid)
+        try:
+            async with asyncio.timeout(remaining):
+                data = await self._fetcher.fetch(url)
+        except TimeoutError:
+            raise ProviderTimeout("the output download timed out", provider=self.name, request_id=pid) from None
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, provider=self.name, request_id=pid) from None
+        except ProviderUnavailable as exc:
+            raise ProviderUnavailable(exc.message, provider=self.name, request_id=pid) from None
+        except ImageDecodeError:
+            raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
+        except InvalidRequestError as exc:  # an output URL the fetcher refuses, or over its byte cap
+            raise MalformedResponse(f"output refused: {exc.message}", provider=self.name, request_id=pid) from None
         try:
             w, h = image_size(data)
         except ImageDecodeError:
             raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
         return GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h, seed=seed)
 
-    async def _cancel(self, client: Any, pid: str) -> None:
-        with contextlib.suppress(Exception):  # best effort: the timeout is what is reported
-            await client.predictions.async_cancel(pid)
+    async def _reread(self, client: Any, pid: str) -> dict[str, Any] | None:
+        """The prediction as it stands now, or None when it cannot be read (best effort)."""
+        try:
+            return _prediction(await self._call(client.predictions.async_get(pid), pid), self.name, pid)
+        except ImageRouterError:
+            return None
+
+    async def _cancel(self, client: Any, pid: str) -> dict[str, Any] | None:
+        """Cancel (best effort: the error that led here is what is reported); the prediction as it ended."""
+        try:
+            return _prediction(await self._call(client.predictions.async_cancel(pid), pid), self.name, pid)
+        except ImageRouterError:
+            return None
 
     async def _call(self, call: Any, pid: str | None) -> Any:
+        """Await a client call; the JSON body of its answer, or the router's error for it.
+
+        The body is read from the answer itself (kept by the response hook): replicate 1.0.7's
+        Prediction model lists five statuses and rejects ``aborted``, the spec's sixth.
+        """
         from replicate.exceptions import ReplicateError
 
-        _retry_after.set(None)
+        _answer.set(None)
         try:
-            return await call
+            await call
         except ReplicateError as exc:
-            raise _status_error(exc, _retry_after.get(), self.name, pid) from None
-        except httpx.TimeoutException:
-            raise ProviderTimeout("the request timed out", provider=self.name, request_id=pid) from None
+            answer = _answer.get()
+            raise _status_error(exc, answer.headers if answer else None, self.name, pid) from None
         except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"could not connect ({type(exc).__name__})", provider=self.name,
-                                      request_id=pid) from None
-        except (ValueError, TypeError, KeyError):  # the client could not parse the body
-            raise MalformedResponse("response body is not a prediction", provider=self.name,
-                                    request_id=pid) from None
+            raise connection_error(exc, provider=self.name, request_id=pid) from None
+        except (ValueError, TypeError, KeyError):
+            pass  # the client could not read the body into its model: it is checked below, as sent
+        answer = _answer.get()
+        if answer is None or not isinstance(answer.body, dict):
+            raise MalformedResponse("response body is not a JSON object", provider=self.name, request_id=pid)
+        return answer.body
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client._async_client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+        self._client = self._transport = None
 
 
-def _failed_error(error: Any, provider: str, pid: str) -> ImageRouterError:
-    """A ``status: failed`` prediction as the router's error class, judged from its error text."""
-    text = redact(str(error or "the prediction failed"))[:300]
-    lower = text.lower()
+def _prediction(body: Any, provider: str, pid: str | None) -> dict[str, Any]:
+    """``body`` if it is a prediction object (an id and one of the six statuses), else MalformedResponse."""
+    if (not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]
+            or body.get("status") not in {"starting", "processing", *_TERMINAL}):
+        raise MalformedResponse("response body is not a prediction", provider=provider, request_id=pid)
+    return body
+
+
+def _output_urls(prediction: dict[str, Any]) -> list[str] | None:
+    output = prediction.get("output")
+    urls = output if isinstance(output, list) else [output]
+    if not urls or not all(isinstance(u, str) and u for u in urls):
+        return None
+    return list(urls)
+
+
+def _raw_predict_time(prediction: dict[str, Any]) -> Any:
+    metrics = prediction.get("metrics")
+    return metrics.get("predict_time") if isinstance(metrics, dict) else None
+
+
+def _predict_time(prediction: dict[str, Any]) -> Decimal | None:
+    value = _raw_predict_time(prediction)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return Decimal(str(value))
+
+
+def _coded(text: str, kw: dict[str, Any]) -> ImageRouterError | None:
+    """The error a Replicate error code in ``text`` stands for, or None when it carries no known code."""
+    for code in _CODE.findall(text):
+        cls = _ERROR_CODES.get(code)
+        if cls is not None:
+            return cls(text, code=code, **kw)
+    return None
+
+
+def _ended_error(prediction: dict[str, Any], provider: str, pid: str) -> ImageRouterError:
+    """A prediction that ended without succeeding, as the router's error class."""
+    status = prediction["status"]
     kw: dict[str, Any] = {"provider": provider, "request_id": pid}
+    if status == "aborted":
+        return ProviderUnavailable("the prediction was aborted before it started running", **kw)
+    if status == "canceled":
+        return ProviderUnavailable("the prediction was canceled", **kw)
+    text = redact(str(prediction.get("error") or "the prediction failed"))[:300]
+    coded = _coded(text, kw)
+    if coded is not None:
+        return coded
+    lower = text.lower()
     if any(w in lower for w in _POLICY_WORDS):
         return ContentPolicyError(text, **kw)
     if "invalid" in lower or "input" in lower:
@@ -393,21 +669,16 @@ def _failed_error(error: Any, provider: str, pid: str) -> ImageRouterError:
     return ProviderUnavailable(text, **kw)
 
 
-def _status_error(exc: Any, retry_after: float | None, provider: str, pid: str | None) -> ImageRouterError:
+def _status_error(exc: Any, headers: httpx.Headers | None, provider: str, pid: str | None) -> ImageRouterError:
     """An RFC 7807 error answer as the router's error class; only the vendor's title/detail in the message."""
     status = int(exc.status or 0)
     detail = exc.detail or exc.title or ""
     text = f"HTTP {status}" + (f": {redact(str(detail))[:300]}" if detail else "")
-    kw: dict[str, Any] = {"provider": provider, "status_code": status, "request_id": pid}
-    if status in (401, 403):
-        return AuthenticationError(f"HTTP {status}: the API token was refused", **kw)
-    if status == 402:
-        return InsufficientCredits(text, **kw)
-    if status == 429:
-        return RateLimited(text, retry_after=retry_after, **kw)
-    if status in (400, 404, 413, 422):
-        return InvalidRequestError(text, **kw)
-    return ProviderUnavailable(text, **kw)
+    if 400 <= status < 500 and status not in (401, 403):
+        coded = _coded(text, {"provider": provider, "status_code": status, "request_id": pid})
+        if coded is not None:
+            return coded
+    return status_error(status, text, provider=provider, request_id=pid, headers=headers)
 
 
 def _data_url(data: bytes) -> str:

@@ -6,7 +6,6 @@ import base64
 import io
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 
 from providers.bfl import BFLProvider
 from providers.sandbox import Fault
-from providers.sandbox.bfl import BFLSandbox
+from providers.sandbox.bfl import SAMPLE_PATH, BFLSandbox
 from router import (
     AllProvidersFailed,
     AsyncRouter,
@@ -48,6 +47,7 @@ def bfl2() -> Iterator[BFLSandbox]:
 def provider(sb: BFLSandbox, name: str = "bfl", **kw: object) -> BFLProvider:
     kw.setdefault("api_key", KEY)
     kw.setdefault("base_url", sb.base_url)
+    kw.setdefault("download_backoff_s", 0.01)
     return BFLProvider(name=name, fetcher=SafeFetcher(allow_loopback=True), poll_interval_s=0.01,
                        **kw)  # type: ignore[arg-type]
 
@@ -73,20 +73,21 @@ async def test_txt2img_polls_downloads_echoes_the_seed_and_bills_credits(bfl: BF
                                                                            "prompt_upsampling": True}})
     assert result.provider == "bfl" and result.model == "flux-pro-1.1"
     image = result.images[0]
-    assert (image.width, image.height, image.mime, image.seed) == (1008, 1008, "image/png", 41)
-    assert image.to_pil().size == (1008, 1008)
-    assert any("1000x1008 adapted to 1008x1008" in w for w in result.warnings)
+    # flux-pro-1.1 takes multiples of 32 (FluxPro11Inputs): 1000x1008 snaps to 992x992
+    assert (image.width, image.height, image.mime, image.seed) == (992, 992, "image/png", 41)
+    assert image.to_pil().size == (992, 992)
+    assert any("1000x1008 adapted to 992x992" in w and "multiples of 32" in w for w in result.warnings)
     sent = bfl.requests[0]
     assert sent.path == TXT and sent.headers["x-key"] == "[REDACTED]"
     assert sent.json == {"prompt": "a lighthouse at dusk", "output_format": "png", "safety_tolerance": 2,
-                         "prompt_upsampling": True, "seed": 41, "width": 1008, "height": 1008}
+                         "prompt_upsampling": True, "seed": 41, "width": 992, "height": 992}
     polls = [r for r in bfl.requests if r.path == "/v1/get_result"]
     assert len(polls) == 2 and polls[0].headers["x-key"] == "[REDACTED]"  # Pending, then Ready
-    assert bfl.requests[-1].path.startswith("/delivery/")
+    assert bfl.requests[-1].path == SAMPLE_PATH
     assert result.provider_request_id == next(iter(bfl.tasks))
     # flux-pro-1.1: 4 credits per image at $0.01
     assert result.cost.unit == "credits" and result.cost.quantity == 4
-    assert result.cost.actual_usd == Decimal("0.04") == ledger.spent()
+    assert result.cost.actual_usd == Decimal("0.04") == ledger.spent() == bfl.billed_usd
 
 
 async def test_n_fans_out_one_task_per_image_with_consecutive_seeds(bfl: BFLSandbox) -> None:
@@ -126,7 +127,7 @@ async def test_ultra_sends_an_aspect_ratio_and_bills_six_credits(bfl: BFLSandbox
     assert result.cost.actual_usd == Decimal("0.12")
 
 
-async def test_flux_2_pro_takes_width_and_height(bfl: BFLSandbox) -> None:
+async def test_flux_2_pro_takes_width_and_height_and_bills_per_megapixel(bfl: BFLSandbox) -> None:
     async with make_router(provider(bfl)) as router:
         result = await router.agenerate("a cat", model="flux-2-pro", width=1440, height=816, seed=1,
                                         idempotency_key="abc", provider_options={"bfl": {"raw": True}})
@@ -135,7 +136,8 @@ async def test_flux_2_pro_takes_width_and_height(bfl: BFLSandbox) -> None:
     assert (sent.json["width"], sent.json["height"]) == (1440, 816) and "raw" not in sent.json
     assert (result.images[0].width, result.images[0].height, result.images[0].seed) == (1440, 816, 1)
     assert any("raw ignored" in w for w in result.warnings) and any("idempotency_key" in w for w in result.warnings)
-    assert result.cost.actual_usd == Decimal("0.03")  # the unverified placeholder row: 3 credits
+    # 1440x816 is 1.12 MP of 1024x1024: the first MP 3 credits, the second (started) 1.5
+    assert result.cost.quantity == Decimal("4.5") and result.cost.actual_usd == Decimal("0.045") == bfl.billed_usd
 
 
 async def test_ultra_takes_the_raw_option(bfl: BFLSandbox) -> None:
@@ -180,7 +182,7 @@ async def test_fill_takes_the_white_mask_as_is(bfl: BFLSandbox) -> None:
 async def test_kontext_edits_the_init_image_at_its_aspect_ratio(bfl: BFLSandbox) -> None:
     init = png(300, 200, (200, 30, 30))
     async with make_router(provider(bfl)) as router:
-        result = await router.agenerate("make it blue", init_image=init, seed=9)
+        result = await router.agenerate("make it blue", init_image=init, seed=9, model="flux-kontext-pro")
     assert result.model == "flux-kontext-pro"
     sent = bfl.requests[0].json
     assert sent is not None and base64.b64decode(sent["input_image"]) == init and "aspect_ratio" not in sent
@@ -192,10 +194,10 @@ async def test_kontext_edits_the_init_image_at_its_aspect_ratio(bfl: BFLSandbox)
 async def test_kontext_with_a_size_sends_the_ratio_and_warns_about_the_shape(bfl: BFLSandbox) -> None:
     async with make_router(provider(bfl)) as router:
         result = await router.agenerate("make it blue", init_image=png(64, 64), width=1536, height=1024,
-                                        strength=0.4)
+                                        strength=0.4, model="flux-kontext-pro")
     assert bfl.requests[0].json["aspect_ratio"] == "3:2"  # type: ignore[index]
     assert (result.images[0].width, result.images[0].height) == (1248, 832)
-    assert any("1536x1024 adapted to 1248x832" in w for w in result.warnings)
+    assert any("1536x1024 adapted to 1248x832" in w and "about 1 MP" in w for w in result.warnings)
     assert any("strength ignored" in w for w in result.warnings)
 
 
@@ -263,22 +265,27 @@ async def test_refused_keys_are_authentication_errors_without_the_key(bfl: BFLSa
 
 
 @pytest.mark.parametrize("status", [400, 422])
-async def test_bad_requests_fall_back_to_the_next_candidate(bfl: BFLSandbox, bfl2: BFLSandbox, status: int) -> None:
+async def test_a_refused_request_falls_back_to_the_next_candidate(bfl: BFLSandbox, bfl2: BFLSandbox,
+                                                                  status: int) -> None:
     bfl.faults.push(Fault("invalid_request", status=status, param="width", message="bad width"))
-    async with make_router(one_model(bfl), one_model(bfl2, "bfl-backup")) as router:
+    sleeps = Sleeps()
+    async with make_router(one_model(bfl), one_model(bfl2, "bfl-backup"), sleep=sleeps) as router:
         result = await router.agenerate("a cat")
-    first, second = result.attempts
-    assert (first.error, second.provider, second.outcome) == ("InvalidRequestError", "bfl-backup", "success")
-    assert first.message is not None and "width: bad width" in first.message
+    first = result.attempts[0]
+    assert (first.provider, first.error, first.status_code) == ("bfl", "InvalidRequestError", status)
+    assert "width" in (first.message or "") and "bad width" in (first.message or "")
+    assert result.provider == "bfl-backup" and sleeps.waits == [] and bfl.hits(TXT) == 1  # not retried
+    assert first.cost_usd == 0 and result.cost.actual_usd == Decimal("0.04") == bfl2.billed_usd
 
 
-async def test_sandbox_validation_422_reaches_the_caller_as_invalid_request(bfl: BFLSandbox) -> None:
+async def test_sandbox_validation_422_reaches_the_caller_in_the_attempt_trail(bfl: BFLSandbox) -> None:
     async with make_router(one_model(bfl)) as router:
         with pytest.raises(AllProvidersFailed) as info:
             await router.agenerate("a cat", provider_options={"bfl": {"safety_tolerance": 9}})
-    (error,) = info.value.errors
-    assert isinstance(error, InvalidRequestError)
-    assert error.status_code == 422 and "safety_tolerance" in str(error)
+    [attempt] = info.value.attempts
+    assert (attempt.error, attempt.status_code) == (InvalidRequestError.__name__, 422)
+    assert "safety_tolerance" in (attempt.message or "") and "less than or equal to 6" in (attempt.message or "")
+    assert bfl.submitted() == 0 and info.value.cost_usd == 0
 
 
 @pytest.mark.parametrize("fault", [Fault.malformed(), Fault.malformed(b'{"id": 5}'), Fault.malformed(b"[1]")])
@@ -297,14 +304,25 @@ async def test_a_malformed_poll_answer_is_malformed(bfl: BFLSandbox) -> None:
     assert [a.error for a in info.value.attempts] == ["MalformedResponse"]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("kind", ["task_error", "task_not_found", "expired_output"])
-async def test_failed_lost_and_expired_tasks_are_provider_unavailable(bfl: BFLSandbox, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["task_error", "task_not_found"])
+async def test_failed_and_lost_tasks_are_unbilled_and_retried(bfl: BFLSandbox, kind: str) -> None:
     bfl.faults.push(Fault(kind))
     async with make_router(one_model(bfl)) as router:
         result = await router.agenerate("a cat")
-    assert [a.error for a in result.attempts] == ["ProviderUnavailable", None]
-    if kind == "expired_output":
-        assert [r.status for r in bfl.requests if r.path.startswith("/delivery/")] == [403, 200]
+    assert [(a.error, a.cost_usd) for a in result.attempts] == [("ProviderUnavailable", 0), (None, Decimal("0.04"))]
+    # nothing is billed for a task that never got Ready (help.bfl.ai: only status Ready consumes credits)
+    assert bfl.submitted() == 2 and bfl.billed_usd == Decimal("0.04") == result.cost.actual_usd
+
+
+async def test_an_expired_sample_is_billed_and_never_paid_twice(bfl: BFLSandbox) -> None:
+    bfl.faults.push(Fault("expired_output"))
+    async with make_router(one_model(bfl)) as router:
+        with pytest.raises(AllProvidersFailed) as info:
+            await router.agenerate("a cat")
+    assert [(a.error, a.cost_usd) for a in info.value.attempts] == [("ProviderUnavailable", Decimal("0.04"))]
+    downloads = [r.status for r in bfl.requests if r.path == SAMPLE_PATH]
+    assert downloads == [403, 403, 403, 403]  # four tries, each with the URL a fresh poll gave
+    assert bfl.submitted() == 1 and info.value.cost_usd == Decimal("0.04") == bfl.billed_usd
 
 
 async def test_a_polling_url_off_the_api_hosts_never_gets_the_key(bfl: BFLSandbox, bfl2: BFLSandbox) -> None:
@@ -342,7 +360,7 @@ async def test_eu_residency_goes_only_to_the_eu_host(bfl: BFLSandbox, bfl2: BFLS
         result = await router.agenerate("a cat", model="flux-pro-1.1", residency={"eu"})
         assert result.provider == "bfl" and bfl.hits() == 0
         assert bfl2.hits(TXT) == 1 and all(r.path != TXT for r in bfl.requests)
-        assert bfl2.requests[-1].path.startswith("/delivery/")
+        assert bfl2.requests[-1].path == SAMPLE_PATH
         await router.agenerate("a cat", model="flux-pro-1.1")
         assert bfl.hits(TXT) == 1 and bfl2.hits(TXT) == 1
 
@@ -382,22 +400,28 @@ def test_sandbox_is_strict_about_fields_sizes_and_keys(bfl: BFLSandbox) -> None:
     with httpx.Client(headers={"x-key": KEY}) as client:
         for body, loc, kind in (
             ({"prompt": "x", "steps": 20}, "steps", "extra_forbidden"),
-            ({"prompt": "x", "width": 1000, "height": 1024}, "width", "multiple_of"),
-            ({"prompt": "x", "width": 4096, "height": 4096}, "width", "value_error"),
-            ({"width": 1024, "height": 1024}, "prompt", "missing"),
+            ({"prompt": "x", "width": 1008, "height": 1024}, "width", "multiple_of"),  # FluxPro11Inputs: of 32
+            ({"prompt": "x", "width": 1024, "height": 1472}, "height", "less_than_equal"),  # maximum 1440
+            ({"prompt": "x", "width": 224, "height": 1024}, "width", "greater_than_equal"),  # minimum 256
             ({"prompt": "x", "output_format": "webp"}, "output_format", "enum"),
         ):
             r = client.post(url, json=body)
             assert r.status_code == 422, body
             assert r.json()["detail"][0]["loc"] == ["body", loc] and r.json()["detail"][0]["type"] == kind
         assert client.post(bfl.base_url + "/v1/flux-pro-1.0-fill", json={"prompt": "x"}).status_code == 422
+        assert client.post(bfl.base_url + "/v1/flux-kontext-pro", json={}).json()["detail"][0]["type"] == "missing"
         assert client.post(bfl.base_url + "/v1/no-such-model", json={"prompt": "x"}).json() == {"detail": "Not Found"}
         ok = client.post(url, json={"prompt": "x", "width": 1024, "height": 768})
-        assert ok.status_code == 200 and set(ok.json()) == {"id", "polling_url"} and ok.headers["x-request-id"]
+        assert ok.status_code == 200 and ok.headers["x-request-id"]
+        assert ok.json() | {"id": "", "polling_url": ""} == {"id": "", "polling_url": "", "cost": 4.0,
+                                                             "input_mp": 0, "output_mp": 0.75}
         polled = client.get(ok.json()["polling_url"]).json()
-        assert polled["status"] == "Pending" and polled["result"] is None
+        assert polled["status"] == "Pending" and polled["result"] is None and bfl.billed_usd == 0
         ready = client.get(ok.json()["polling_url"]).json()
         assert ready["status"] == "Ready" and set(ready["result"]) >= {"sample", "seed"}
+        assert bfl.billed_usd == Decimal("0.04")  # billed once Ready, once
+        client.get(ok.json()["polling_url"])
+        assert bfl.billed_usd == Decimal("0.04")
         assert client.get(bfl.base_url + "/v1/get_result?id=nope").json() == {"id": "nope", "status": "Task not found"}
     assert httpx.post(url, json={"prompt": "x"}).status_code == 403
     assert httpx.post(url, json={"prompt": "x"}, headers={"x-key": "other"}).status_code == 403
@@ -412,11 +436,3 @@ def test_sandbox_samples_expire_after_their_ttl() -> None:
         sample = c.get(sub["polling_url"]).json()["result"]["sample"]
         r = httpx.get(sample)
     assert r.status_code == 403 and b"Signed expiry time has passed" in r.content
-
-
-def test_vendor_spec_validation() -> None:
-    specs = Path(__file__).resolve().parents[2] / "shared" / "specs"
-    if not specs.is_dir():
-        pytest.skip(f"{specs} is absent")
-    if not any("bfl" in p.name.lower() for p in specs.iterdir()):
-        pytest.skip("no BFL spec in shared/specs: BFL publishes none there; the sandbox follows PROVIDERS.md")

@@ -35,7 +35,7 @@ from tests.conftest import Sleeps, png
 
 TOKEN = "r8_sandbox_token_primary"
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
-SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
+SPECS = Path(__file__).resolve().parent / "specs"
 
 
 @pytest.fixture
@@ -269,8 +269,6 @@ Validator = Callable[[str], Draft202012Validator]
 @pytest.fixture(scope="module")
 def schema() -> Validator:
     path = SPECS / "replicate.openapi.json"
-    if not path.is_file():
-        pytest.skip(f"the Replicate spec is not at {path}: the shared specs checkout is absent")
     spec = _nullable(json.loads(path.read_text(encoding="utf-8")))
     registry: Registry[Any] = Registry().with_resource(
         "urn:replicate", Resource.from_contents(spec, default_specification=DRAFT202012))
@@ -345,11 +343,34 @@ def test_invalid_requests_are_rejected_with_problem_details(rep: ReplicateSandbo
 
 
 async def test_a_5xx_on_a_poll_is_not_retried_by_the_client(rep: ReplicateSandbox) -> None:
+    # The client's RetryTransport would send each poll up to 10 times: the provider's own bounded
+    # re-polls (3) are all that reach the sandbox, then the prediction is cancelled, not left to run.
     rep.wait_completes, rep.next_ids = False, ["q1"]
-    rep.faults.push(Fault.server_error(503), path="/v1/predictions/q1")
+    rep.faults.push(Fault.server_error(503), path="/v1/predictions/q1", times=None)
     with pytest.raises(ProviderUnavailable):
         await direct(rep)
-    assert sum(1 for r in rep.requests if r.method == "GET") == 1
+    assert sum(1 for r in rep.requests if r.method == "GET") == 3
+    assert rep.hits("/v1/predictions/q1/cancel") == 1 and rep.prediction("q1").status == "canceled"
+    assert rep.hits(SCHNELL) == 1
+
+
+async def test_one_failed_poll_is_polled_again_not_a_second_prediction(rep: ReplicateSandbox) -> None:
+    rep.wait_completes, rep.next_ids = False, ["q1"]
+    rep.faults.push(Fault.server_error(503), path="/v1/predictions/q1")
+    result = await direct(rep)
+    assert result.provider_request_id == "q1" and len(result.images) == 1
+    assert rep.hits(SCHNELL) == 1 and rep.hits("/v1/predictions/q1/cancel") == 0
+
+
+async def test_422_falls_back_to_the_next_candidate(rep: ReplicateSandbox) -> None:
+    rep.faults.push(Fault.invalid_request("seed", "Must be between 0 and 4294967295"))
+    with ReplicateSandbox(api_token=TOKEN) as other:
+        async with make_router(provider(rep), provider(other, name="replicate-b")) as router:
+            result = await router.agenerate("a cat", model="flux-schnell")
+    assert result.provider == "replicate-b"
+    assert [(a.provider, a.error) for a in result.attempts] == [("replicate", "InvalidRequestError"),
+                                                                ("replicate-b", None)]
+    assert rep.hits(SCHNELL) == 1 and other.hits(SCHNELL) == 1
 
 
 # --- version-pinned models ----------------------------------------------------------------

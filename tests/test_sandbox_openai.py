@@ -24,7 +24,7 @@ from referencing.jsonschema import DRAFT202012
 from providers.sandbox import Fault, OpenAISandbox
 
 KEY = "sk-sandbox-test-0123456789"
-SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs"
+SPECS = Path(__file__).resolve().parent / "specs"
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
 
@@ -89,8 +89,6 @@ Schemas = Callable[[str], Draft202012Validator]
 def schema() -> Schemas:
     """A validator for ``#/components/schemas/<name>`` of the OpenAI spec, ``$ref``s resolved into it."""
     path = SPECS / "openai.openapi.yaml"
-    if not path.is_file():
-        pytest.skip(f"the OpenAI spec is not at {path}: the shared specs checkout is absent")
     with path.open("rb") as f:
         spec = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     registry: Registry[Any] = Registry().with_resource(
@@ -297,7 +295,7 @@ def test_edit_field_errors(http: httpx.Client) -> None:
                  param="moderation", code="unknown_parameter")  # generations only
     assert_error(http.post("images/edits", data={"prompt": "x", "input_fidelity": "max"}, files=image), 400,
                  param="input_fidelity", code="invalid_value")
-    assert_error(http.post("images/edits", json={"prompt": "x", "images": []}), 400)  # multipart only
+    assert_error(http.post("images/edits", json={"prompt": "x", "images": []}), 400, param="images", code="empty_array")
     ok = http.post("images/edits", data={"prompt": "x", "input_fidelity": "high"}, files=image)
     assert ok.status_code == 200
 

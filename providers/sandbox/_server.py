@@ -540,6 +540,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._serve()
 
+    def __getattr__(self, name: str) -> Any:
+        # The stdlib answers a verb without a ``do_<VERB>`` method with its own 501 HTML page. Every other
+        # verb (HEAD, OPTIONS, TRACE, made-up ones) goes to the vendor instead, whose router refuses what
+        # it does not serve in its own error shape; a HEAD answer is sent without its body (see _write).
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -613,7 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            self.wfile.write(head + response.body)
+            self.wfile.write(head if self.command == "HEAD" else head + response.body)
         except OSError:
             self.close_connection = True
 

@@ -1,9 +1,11 @@
 """A loopback emulator of OpenAI's Images API (gpt-image-2 family), strict like the real one.
 
 Routes under ``/v1``: ``POST images/generations`` (JSON), ``POST images/edits``
-(multipart), ``GET models`` and ``GET models/{id}``. Everything else is a 404 in
-OpenAI's error shape ``{"error": {message, type, param, code}}``. Every answer carries
-``x-request-id: req_<hex>`` and ``openai-processing-ms``.
+(multipart uploads, or JSON whose ``images``/``mask`` are ``{image_url}`` or ``{file_id}``
+references: data URLs are read; the sandbox downloads nothing and holds no files, so an
+http(s) URL is a 400 and a file id a 404), ``GET models`` and ``GET models/{id}``.
+Everything else is a 404 in OpenAI's error shape ``{"error": {message, type, param, code}}``.
+Every answer carries ``x-request-id: req_<hex>`` and ``openai-processing-ms``.
 
 Images are real: Pillow draws a flat colour and a disc, both picked from a hash of
 (prompt, index), at the requested size and format, returned as ``b64_json``. Edits
@@ -28,6 +30,13 @@ Billing facts (the ``usage`` object; ``sb.usage_override`` replaces it verbatim)
   with base low 272, medium 1056, high 4160; ``auto`` resolves to medium.
 - ``input_tokens = text_tokens + image_tokens``, ``total_tokens = input + output``.
 
+What the sandbox billed: every 200 answer that reports ``usage`` is billed at OpenAI's
+published gpt-image-2 rates (``PUBLISHED_USD_PER_MTOK``: $5 text in, $8 image in, $30 image
+out per million tokens, https://platform.openai.com/docs/pricing, as of 2026-11) and summed
+in ``sb.billed_usd``. ``sb.bill_multiplier = k`` makes every answer report ``k`` times its
+tokens (a vendor billing more than its published table says). The ``broken_image`` fault
+answers 200 with the usual ``usage`` (billed) and an image that does not decode.
+
 The response reports what was produced: ``quality`` auto as "medium", ``background``
 auto/opaque as "opaque", ``size`` as "WxH" (custom sizes too, though the spec's enum
 lists only the three standard ones).
@@ -40,12 +49,14 @@ import functools
 import hashlib
 import hmac
 import io
+import json
 import math
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -64,6 +75,7 @@ MAX_PIXELS = 3840 * 2160
 MIN_PIXELS = 655_360
 MAX_RATIO = 3.0
 OUTPUT_TOKEN_BASE = {"low": 272, "medium": 1056, "high": 4160}
+PUBLISHED_USD_PER_MTOK = {"text": Decimal("5.00"), "image": Decimal("8.00"), "output": Decimal("30.00")}
 
 _QUALITIES = ("low", "medium", "high", "auto")
 _BACKGROUNDS = ("transparent", "opaque", "auto")
@@ -118,7 +130,7 @@ def _type_name(value: Any) -> str:
     if isinstance(value, int):
         return "an integer"
     if isinstance(value, float):
-        return "a number"
+        return "a decimal number"
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"
@@ -158,6 +170,32 @@ def _want_bool(name: str, value: Any) -> bool:
         raise ApiError(400, f"Invalid type for '{name}': expected a boolean, but got {_type_name(value)} instead.",
                        param=name, code="invalid_type")
     return value
+
+
+def _want_ref(name: str, value: Any) -> dict[str, str]:
+    """An image reference: an object with exactly one of ``image_url`` and ``file_id``, a string."""
+    if not isinstance(value, dict):
+        raise ApiError(400, f"Invalid type for '{name}': expected an object, but got {_type_name(value)} instead.",
+                       param=name, code="invalid_type")
+    if len(value) != 1 or not set(value) <= {"image_url", "file_id"}:
+        raise ApiError(400, f"Invalid '{name}': give exactly one of 'image_url' and 'file_id'.", param=name,
+                       code="invalid_value")
+    key, ref = next(iter(value.items()))
+    return {key: _want_str(f"{name}.{key}", ref)}
+
+
+def _want_refs(name: str, value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise ApiError(400, f"Invalid type for '{name}': expected an array, but got {_type_name(value)} instead.",
+                       param=name, code="invalid_type")
+    if not value:
+        raise ApiError(400, f"Invalid '{name}': empty array. Expected an array with minimum length 1, but got an "
+                       "empty array instead.", param=name, code="empty_array")
+    if len(value) > MAX_EDIT_IMAGES:
+        raise ApiError(400, f"Invalid '{name}': array too long. Expected an array with maximum length "
+                       f"{MAX_EDIT_IMAGES}, but got an array with length {len(value)} instead.", param=name,
+                       code="array_above_max_length")
+    return [_want_ref(name, ref) for ref in value]
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -202,6 +240,12 @@ _COMMON: dict[str, _Check] = {
 }
 _GENERATION_FIELDS: dict[str, _Check] = {**_COMMON, "moderation": lambda k, v: _want_enum(k, v, ("low", "auto"))}
 _EDIT_FIELDS: dict[str, _Check] = {**_COMMON, "input_fidelity": lambda k, v: _want_enum(k, v, ("high", "low"))}
+_JSON_EDIT_FIELDS: dict[str, _Check] = {
+    **_EDIT_FIELDS,
+    "moderation": lambda k, v: _want_enum(k, v, ("low", "auto")),
+    "images": lambda k, v: _want_refs(k, v),
+    "mask": lambda k, v: _want_ref(k, v),
+}
 _NOT_FOR_GPT_IMAGE = ("response_format", "style")
 _NOT_NULLABLE = frozenset({"prompt", "user", "safety_identifier"})
 _INT_FIELDS = frozenset({"n", "output_compression", "partial_images"})
@@ -395,6 +439,27 @@ def _open_image(upload: Upload, *, what: str, formats: Sequence[str], max_bytes:
                        code="invalid_image_format") from None
 
 
+def _referenced_image(ref: dict[str, str], *, what: str, formats: Sequence[str], max_bytes: int) -> Image.Image:
+    """The image a JSON edit references: a base64 data URL is read; nothing is downloaded, no file is held."""
+    if "file_id" in ref:
+        raise ApiError(404, f"No such File object: {ref['file_id']}", param=what)
+    url = ref["image_url"]
+    head, sep, payload = url.partition(",")
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"Error while downloading {url}: this sandbox downloads no images; send a data URL.",
+                       param=what, code="invalid_image_url")
+    if not (sep and head.startswith("data:") and head.endswith(";base64")):
+        raise ApiError(400, f"Invalid '{what}': expected an http(s) URL or a base64 data URL.", param=what,
+                       code="invalid_image_url")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise ApiError(400, f"Invalid '{what}': the data URL is not valid base64.", param=what,
+                       code="invalid_image_url") from None
+    return _open_image(Upload(what, None, head.removeprefix("data:").removesuffix(";base64"), data), what=what,
+                       formats=formats, max_bytes=max_bytes)
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
@@ -410,12 +475,29 @@ class OpenAISandbox(SandboxServer):
     """
 
     base_path = "/v1"
-    fault_kinds = VENDOR_FAULTS
+    fault_kinds = VENDOR_FAULTS | {"broken_image"}
 
     def __init__(self, api_key: str = "sk-sandbox") -> None:
         super().__init__()
         self.api_key = api_key
         self.usage_override: dict[str, Any] | None = None
+        self.bill_multiplier = 1
+        self._bill_lock = threading.Lock()
+        self._billed = Decimal(0)
+
+    @property
+    def billed_usd(self) -> Decimal:
+        """What this sandbox has billed: every reported ``usage`` at the published rates."""
+        with self._bill_lock:
+            return self._billed
+
+    def _bill(self, reported: dict[str, Any]) -> None:
+        details = reported.get("input_tokens_details") or {}
+        cost = (Decimal(details.get("text_tokens", 0)) * PUBLISHED_USD_PER_MTOK["text"]
+                + Decimal(details.get("image_tokens", 0)) * PUBLISHED_USD_PER_MTOK["image"]
+                + Decimal(reported.get("output_tokens", 0)) * PUBLISHED_USD_PER_MTOK["output"]) / 1_000_000
+        with self._bill_lock:
+            self._billed += cost
 
     # --- hooks
 
@@ -471,6 +553,14 @@ class OpenAISandbox(SandboxServer):
                             code=fault.code or "invalid_value").response()
         if fault.kind == "auth":
             return _bad_key(self.api_key).response()
+        if fault.kind == "broken_image":  # served and billed as usual, but the image does not decode
+            served = self.handle(request)
+            if served.status != 200:
+                return served
+            body = json.loads(served.body)
+            for item in body["data"]:
+                item["b64_json"] = base64.b64encode(b"\x89PNG\r\n\x1a\n not an image").decode()
+            return Response.json(200, body)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     # --- routes
@@ -501,8 +591,10 @@ class OpenAISandbox(SandboxServer):
         return self._images(params, images, usage(params))
 
     def _edit(self, request: Request) -> Response:
+        if request.media_type == "application/json":
+            return self._json_edit(request)
         if request.media_type != "multipart/form-data":
-            raise ApiError(400, "This sandbox takes image edits as multipart/form-data uploads only.")
+            raise ApiError(400, "Send image edits as multipart/form-data or as JSON (Content-Type: application/json).")
         if request.body_error is not None:
             raise ApiError(400, f"The multipart body could not be read: {request.body_error}.")
         for upload in request.uploads:
@@ -520,11 +612,30 @@ class OpenAISandbox(SandboxServer):
                            param="image", code="too_many_images")
         sources = [_open_image(u, what="image", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES) for u in uploads]
         masks = request.uploads_named("mask")
-        mask = None
         if len(masks) > 1:
             raise ApiError(400, "Invalid 'mask': send one mask.", param="mask", code="invalid_value")
-        if masks:
-            mask = _open_image(masks[0], what="mask", formats=("PNG",), max_bytes=MAX_MASK_BYTES)
+        mask = _open_image(masks[0], what="mask", formats=("PNG",), max_bytes=MAX_MASK_BYTES) if masks else None
+        return self._edited_images(params, sources, mask)
+
+    def _json_edit(self, request: Request) -> Response:
+        if request.body_error is not None or not isinstance(request.json, dict):
+            raise ApiError(400, "The request body is not a JSON object.")
+        values = _check_fields(request.json, _JSON_EDIT_FIELDS)
+        refs: list[dict[str, str]] | None = values.pop("images", None)
+        mask_ref: dict[str, str] | None = values.pop("mask", None)
+        params = _resolve(values)
+        if not refs:
+            raise ApiError(400, "Missing required parameter: 'images'.", param="images",
+                           code="missing_required_parameter")
+        sources = [_referenced_image(r, what="images", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES)
+                   for r in refs]
+        mask = None
+        if mask_ref is not None:
+            mask = _referenced_image(mask_ref, what="mask", formats=("PNG",), max_bytes=MAX_MASK_BYTES)
+        return self._edited_images(params, sources, mask)
+
+    def _edited_images(self, params: _Params, sources: list[Image.Image], mask: Image.Image | None) -> Response:
+        if mask is not None:
             if not _has_alpha(mask):
                 raise ApiError(400, "Invalid 'mask': the PNG needs an alpha channel (alpha 0 marks the edit).",
                                param="mask", code="invalid_value")
@@ -535,6 +646,10 @@ class OpenAISandbox(SandboxServer):
         return self._images(params, images, usage(params, [s.size for s in sources]))
 
     def _images(self, params: _Params, images: list[bytes], billed: dict[str, Any]) -> Response:
+        reported = self.usage_override if self.usage_override is not None else billed
+        if self.bill_multiplier != 1:
+            reported = _scaled(reported, self.bill_multiplier)
+        self._bill(reported)
         return Response.json(200, {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(data).decode()} for data in images],
@@ -542,8 +657,13 @@ class OpenAISandbox(SandboxServer):
             "output_format": params.output_format,
             "size": f"{params.width}x{params.height}",
             "quality": params.quality,
-            "usage": self.usage_override if self.usage_override is not None else billed,
+            "usage": reported,
         })
+
+
+def _scaled(reported: dict[str, Any], k: int) -> dict[str, Any]:
+    """A ``usage`` object with every token count multiplied by ``k``."""
+    return {key: _scaled(value, k) if isinstance(value, dict) else value * k for key, value in reported.items()}
 
 
 def _bad_key(sent: str) -> ApiError:

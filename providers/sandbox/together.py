@@ -7,7 +7,7 @@ images of ``response_format: "url"`` requests, unauthenticated like a signed URL
 answer carries ``x-request-id``.
 
 Validation: unknown fields, wrong types and missing ``prompt``/``model`` are 400s;
-``n`` 1..4; ``steps`` 1..50 (1..12 on FLUX.1-schnell); ``width``/``height`` 256..1792
+``n`` 1..4; ``steps`` 1..50 (1..12 on the FLUX.1-schnell models); ``width``/``height`` 256..1792
 and multiples of 16; ``image_loras`` (``[{path, scale}]``, at most 2) only on the
 ``-lora`` models; ``image_url`` (an http(s) URL, or a data URL holding a PNG/JPEG/WEBP)
 only on the Kontext models; an unknown model is a 404. Defaults: steps per model
@@ -34,8 +34,10 @@ from PIL import Image, ImageDraw
 
 from providers.sandbox._server import VENDOR_FAULTS, Fault, Request, Response, SandboxError, SandboxServer
 
-DEFAULT_STEPS = {
+DEFAULT_STEPS = {  # the spec's model enum names FLUX.1-schnell-Free and FLUX.1.1-pro: served with their family's steps
     "black-forest-labs/FLUX.1-schnell": 4,
+    "black-forest-labs/FLUX.1-schnell-Free": 4,
+    "black-forest-labs/FLUX.1.1-pro": 28,
     "black-forest-labs/FLUX.1-dev": 28,
     "black-forest-labs/FLUX.1-dev-lora": 28,
     "black-forest-labs/FLUX.1-kontext-dev": 28,
@@ -44,7 +46,7 @@ DEFAULT_STEPS = {
 MODELS = frozenset(DEFAULT_STEPS)
 LORA_MODELS = frozenset({"black-forest-labs/FLUX.1-dev-lora"})
 EDIT_MODELS = frozenset({"black-forest-labs/FLUX.1-kontext-dev", "black-forest-labs/FLUX.1-kontext-pro"})
-MAX_STEPS = {"black-forest-labs/FLUX.1-schnell": 12}
+MAX_STEPS = {"black-forest-labs/FLUX.1-schnell": 12, "black-forest-labs/FLUX.1-schnell-Free": 12}
 MAX_N = 4
 MAX_LORAS = 2
 MIN_SIDE, MAX_SIDE = 256, 1792
@@ -71,8 +73,9 @@ class ApiError(SandboxError):
 
 
 def _is(kind: str, value: Any) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "integer":  # JSON Schema's: 2.0 is an integer too
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
     if kind == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
     return isinstance(value, {"string": str, "boolean": bool, "array": list}[kind])
@@ -85,6 +88,7 @@ def _check(body: dict[str, Any]) -> dict[str, Any]:
         if not _is(_FIELDS[name], value):
             raise ApiError(400, f"Invalid type for '{name}': expected {_FIELDS[name]}.", param=name,
                            code="invalid_type")
+    body = {name: int(value) if _FIELDS[name] == "integer" else value for name, value in body.items()}
     for name in ("prompt", "model"):
         if name not in body:
             raise ApiError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_parameter")
