@@ -28,6 +28,9 @@ from router import AsyncRouter, BudgetExceeded, NoRouteError
 POLICY = Path(__file__).with_name("policy.yaml")
 
 
+MEDIUM = {"openai": {"quality": "medium"}}  # bounds each call's worst case (auto may pick "high")
+
+
 async def run(out_dir: Path) -> int:
     with OpenAISandbox() as us, OpenAISandbox() as eu:
         openai = OpenAIProvider(api_key=us.api_key, base_url=us.base_url, region_base_urls={"eu": eu.base_url})
@@ -47,11 +50,15 @@ async def run(out_dir: Path) -> int:
             us.faults.push(Fault.rate_limit(retry_after=1.0))
             calls = us.hits()
             first = asyncio.create_task(
-                router.agenerate("a team-a poster, version 1", width=1024, height=1024, tags={"team-a"}))
-            while us.hits() == calls:  # the first request's call has reached the sandbox
+                router.agenerate("a team-a poster, version 1", width=1024, height=1024, tags={"team-a"},
+                                 provider_options=MEDIUM))
+            for _ in range(500):  # until the first request's call has reached the sandbox (5 s at most)
+                if us.hits() != calls or first.done():
+                    break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)  # and its 429 has come back: its reservation is released while it waits
-            second = await router.agenerate("a team-a poster, version 2", width=1024, height=1024, tags={"team-a"})
+            second = await router.agenerate("a team-a poster, version 2", width=1024, height=1024,
+                                            tags={"team-a"}, provider_options=MEDIUM)
             print(f"  request 2: served by {second.provider}, ${second.cost.actual_usd}; "
                   f"wrote {second.images[0].save(out_dir / 'team-a-2')}")
             try:
@@ -63,7 +70,8 @@ async def run(out_dir: Path) -> int:
 
             print("\n3. a third team-a request")
             try:
-                await router.agenerate("a team-a poster, version 3", width=1024, height=1024, tags={"team-a"})
+                await router.agenerate("a team-a poster, version 3", width=1024, height=1024, tags={"team-a"},
+                                       provider_options=MEDIUM)
             except (BudgetExceeded, NoRouteError) as exc:
                 print(f"  refused before any call: {type(exc).__name__}: {exc.message}")
                 decision = getattr(exc, "decision", None)

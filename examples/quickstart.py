@@ -27,6 +27,9 @@ def main(out_dir: Path) -> int:
                 width=1024,
                 height=1024,
                 seed=7,
+                # OpenAI bills tokens: with quality "auto" it may choose "high" (~$0.125 at 1024x1024), so the
+                # router would reserve that worst case; naming the quality bounds the call at ~$0.032.
+                provider_options={"openai": {"quality": "medium"}},
                 constraints=Constraints(max_cost_usd="0.10"),
                 tags={"quickstart"},
             )

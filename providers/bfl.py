@@ -19,7 +19,6 @@ rather than re-running the paid task. No retries of whole calls here.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import math
 import os
@@ -32,7 +31,17 @@ import httpx
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import ApiKey, charged, combine, connection_error, fan_out, seed_for, status_error
+from providers.vendor import (
+    ApiKey,
+    charged,
+    combine,
+    connection_error,
+    download_paid,
+    fan_out,
+    known_models,
+    seed_for,
+    status_error,
+)
 from router.errors import (
     ContentPolicyError,
     ImageRouterError,
@@ -45,7 +54,7 @@ from router.errors import (
 )
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules, parse_ratio
-from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
+from router.images import ab64, amask_png, image_size, load_bytes, mask_to_white_repaint, sniff_mime
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
@@ -131,18 +140,6 @@ def ratio_size(ratio: float, area: int, multiple: int = 32) -> tuple[int, int]:
     return max(m, round(math.sqrt(area * ratio) / m) * m), max(m, round(math.sqrt(area / ratio) / m) * m)
 
 
-def nearest_size(rules: SizeRules, ratio: float, area: float) -> tuple[int, int]:
-    """The shape ``rules`` allow closest to ``ratio`` at about ``area`` pixels. The area is first brought within
-    what the side limits leave at that ratio (a 1440-px side caps a 16:9 shape at 1440x810), so a wide or tall
-    request lands on the nearest wide or tall shape, not on the default one."""
-    ratio = min(max(ratio, 1 / rules.max_ratio), rules.max_ratio)
-    elongation = max(ratio, 1 / ratio)
-    high = min(rules.max_pixels, rules.max_side**2 / elongation)
-    low = max(rules.min_pixels, rules.min_side**2 * elongation)
-    area = min(max(area, low), high)
-    return rules.nearest(max(1, round(math.sqrt(area * ratio))), max(1, round(math.sqrt(area / ratio))))
-
-
 def started_megapixels(width: int, height: int) -> int:
     """Megapixels of 1024x1024 pixels, each started one counted (at least 1)."""
     return max(1, math.ceil(width * height / MEGAPIXEL))
@@ -185,12 +182,9 @@ class BFLProvider(Provider):
             self._hosts = REGION_HOSTS | overrides
         else:
             self._hosts = {"global": base.rstrip("/")} | overrides
-        unknown_models = set(models) - set(_CAPS)
-        if unknown_models:
-            raise ValueError(f"unknown BFL models {sorted(unknown_models)}; use {', '.join(MODELS)}")
         if download_attempts < 1:
             raise ValueError("download_attempts must be at least 1")
-        self._models = tuple(models)
+        self._models = known_models("BFL", models, MODELS)
         self._regions = frozenset(self._hosts)
         self._fetcher = fetcher or SafeFetcher()
         self._poll_interval_s = poll_interval_s
@@ -240,12 +234,12 @@ class BFLProvider(Provider):
         if request.width is not None and request.height is not None:
             if rules.allows(request.width, request.height):
                 return SizePlan(request.width, request.height)
-            w, h = nearest_size(rules, request.width / request.height, request.width * request.height)
+            w, h = rules.nearest(request.width, request.height)
             return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes "
                                   f"{geometry.rule}", False)
         if request.aspect_ratio is not None:
             asked = parse_ratio(request.aspect_ratio)
-            w, h = nearest_size(rules, asked, rules.native[0] * rules.native[1])
+            w, h = rules.for_ratio(asked)
             if abs(math.log((w / h) / asked)) > 0.02:
                 return SizePlan(w, h, f"aspect ratio {request.aspect_ratio} adapted to {w}x{h}: {model} takes "
                                       f"{geometry.rule}", False)
@@ -253,7 +247,7 @@ class BFLProvider(Provider):
         src = request.init_image
         if model == "flux-2-pro" and src is not None and src.width and src.height:
             # an edit keeps the init image's shape by default
-            w, h = nearest_size(rules, src.width / src.height, src.width * src.height)
+            w, h = rules.nearest(src.width, src.height)
             if (w, h) != (src.width, src.height):
                 return SizePlan(w, h, f"output {w}x{h}: the init image's {src.width}x{src.height} on {model}'s rule "
                                       f"({geometry.rule})")
@@ -406,22 +400,22 @@ class BFLProvider(Provider):
             if request.init_image is None or request.mask_image is None:
                 raise InvalidRequestError(f"{model} needs init_image and mask_image", provider=self.name)
             image = await load_bytes(request.init_image, fetcher=self._fetcher)
-            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image, fetcher=self._fetcher),
-                                                what="mask_image"), image_size(image))
-            body |= {"image": _b64(image), "mask": _b64(encode(mask, "png"))}
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint,
+                                   fetcher=self._fetcher)
+            body |= {"image": await ab64(image), "mask": await ab64(mask)}
             if request.steps is not None:
                 body["steps"] = request.steps
             if request.guidance_scale is not None:
                 body["guidance"] = request.guidance_scale
         elif takes == "ratio":
             if request.init_image is not None:
-                body["input_image"] = _b64(await load_bytes(request.init_image, fetcher=self._fetcher))
+                body["input_image"] = await ab64(await load_bytes(request.init_image, fetcher=self._fetcher))
             if request.width is not None or request.aspect_ratio is not None or request.init_image is None:
                 body["aspect_ratio"] = _ratio_sent(request, plan)
         else:
             if request.init_image is not None:  # flux-2-pro edits
                 data = await load_bytes(request.init_image, fetcher=self._fetcher)
-                body["input_image"] = _b64(data)
+                body["input_image"] = await ab64(data)
                 inputs.append(image_size(data))
             body |= {"width": plan.size.width, "height": plan.size.height}
         return body, inputs
@@ -489,32 +483,11 @@ class BFLProvider(Provider):
 
     async def _download(self, client: httpx.AsyncClient, polling_url: str, task_id: str, sample: str,
                         deadline: float) -> bytes:
-        """The sample's bytes. A failed download is tried again after a short backoff, with a fresh sample URL
-        from the polling URL when it gives one, while the call's time allows; the task is never re-run."""
-        loop = asyncio.get_running_loop()
-        failure = ""
-        tries = 0
-        for attempt in range(self._download_attempts):
-            if attempt:
-                wait = self._download_backoff_s * 2 ** (attempt - 1)
-                if loop.time() + wait >= deadline:
-                    break
-                await asyncio.sleep(wait)
-                sample = await self._fresh_sample(client, polling_url, task_id) or sample
-            tries += 1
-            try:
-                return await self._fetcher.fetch(sample)
-            except ImageDecodeError:
-                raise MalformedResponse("sample is not an image", provider=self.name, request_id=task_id) from None
-            except (ProviderUnavailable, ProviderTimeout) as exc:
-                failure = exc.message
-            except httpx.HTTPError as exc:  # the connection dropped mid-download
-                failure = f"connection failed ({type(exc).__name__})"
-            except ImageRouterError as exc:  # a URL the fetcher refuses, an oversized body: trying again won't help
-                raise MalformedResponse(f"sample not downloadable ({exc.message})", provider=self.name,
-                                        request_id=task_id) from None
-        raise ProviderUnavailable(f"sample download failed {tries} time(s) ({failure}); the task was billed",
-                                  provider=self.name, request_id=task_id)
+        """The sample's bytes (the task is billed): downloaded again after a failure, with a fresh sample URL
+        from the polling URL when it gives one; the task is never re-run."""
+        return await download_paid(self._fetcher, sample, provider=self.name, request_id=task_id, deadline=deadline,
+                                   attempts=self._download_attempts, backoff_s=self._download_backoff_s,
+                                   fresh_url=lambda: self._fresh_sample(client, polling_url, task_id))
 
     async def _fresh_sample(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> str | None:
         """The sample URL a new poll of a Ready task gives, or None."""
@@ -553,10 +526,6 @@ class BFLProvider(Provider):
 def _num(value: Decimal) -> str:
     """A Decimal as plain digits without trailing zeros: 8.0 → "8", 4.50 → "4.5"."""
     return format(value.normalize(), "f")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _ratio_of(request: ImageRequest) -> float:

@@ -4,36 +4,48 @@ Generations and edits (init image; mask converted to OpenAI's alpha 0 = repaint)
 sizes adapted with a warning, residency hosts as regions, and the actual cost
 from the response's ``usage`` tokens. The SDK runs with ``max_retries=0``: the
 router owns retries.
+
+A 200 answer is billed by OpenAI whatever its images hold (the bill is its ``usage``): an
+image that does not decode (bad base64, not an image, a decompression-bomb header) is
+dropped with a warning, and when none is left the error carries that bill
+(:func:`providers.vendor.charged`), so the router settles it and tries the next candidate.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import dataclasses
+import importlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import retry_after_s
+from providers.vendor import ApiKey, charged, connection_error, status_error
 from router.errors import (
-    AuthenticationError,
     ContentPolicyError,
     ImageRouterError,
     InsufficientCredits,
     InvalidRequestError,
     MalformedResponse,
-    ProviderTimeout,
     ProviderUnavailable,
-    RateLimited,
     redact,
 )
 from router.geometry import SizeRules, plan_size
-from router.images import ImageDecodeError, encode, image_size, load_bytes, mask_to_alpha_repaint
+from router.images import (
+    ImageDecodeError,
+    adecode,
+    amask_png,
+    b64decode,
+    image_size,
+    load_bytes,
+    mask_to_alpha_repaint,
+    sniff_mime,
+)
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -83,8 +95,7 @@ class OpenAIProvider(Provider):
         prices: PriceTable | None = None,
     ) -> None:
         super().__init__(name=name, prices=prices)
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self._api_key = SecretStr(key) if isinstance(key, str) else key
+        self._key = ApiKey(api_key, "OPENAI_API_KEY")
         self._base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self._region_urls = dict(region_base_urls or {})
         unknown = set(self._region_urls) - set(REGIONS)
@@ -110,13 +121,7 @@ class OpenAIProvider(Provider):
         return _OPTIONS
 
     def configuration_problem(self) -> str | None:
-        if self._api_key is None or not self._api_key.get_secret_value():
-            return "not configured: set OPENAI_API_KEY"
-        try:
-            import openai  # noqa: F401
-        except ImportError:
-            return "the openai SDK is not installed: pip install 'imagerouter[openai]'"
-        return None
+        return self._key.problem() or sdk_missing("openai")
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
@@ -137,18 +142,32 @@ class OpenAIProvider(Provider):
     # --- cost --------------------------------------------------------------------
 
     def estimate(self, request: ImageRequest, model: str) -> Estimate:
+        """The expected bill, and the most the call can be billed (``max_cost_usd``), both in tokens.
+
+        Expected: output tokens for the quality asked (``auto`` at the table's ``auto`` count), text at
+        ~4 bytes a token, the init image's vision tokens (the mask is not billed as input). Worst case:
+        the most output tokens any quality the request allows makes at this size (``auto`` lets OpenAI
+        pick, up to ``high``), one text token per byte of the prompt (a token covers at least one byte),
+        and the init image's vision tokens (the largest tile count where its size is unknown).
+        """
         row = self.price_row(model)
         size = self.plan(request, model).size
         quality = str(request.provider_options.get(self.name, {}).get("quality", "auto"))
-        per_mp = row.rates["output_tokens_1mp"]
-        out_tokens = request.n * round(per_mp.get(quality, per_mp["auto"]) * size.width * size.height / 1024**2)
+        per_mp: Mapping[str, int] = row.rates["output_tokens_1mp"]
+        megapixels = size.width * size.height / 1024**2
+        out_tokens = request.n * round(per_mp.get(quality, per_mp["auto"]) * megapixels)
         text_tokens = math.ceil(len(request.prompt.encode()) / 4)
-        image_tokens = 0
-        if request.init_image is not None:  # the mask is not billed as input
-            image_tokens = _image_tokens(request.init_image.width or 1024, request.init_image.height or 1024)
+        image_tokens = max_image_tokens = 0
+        src = request.init_image
+        if src is not None:  # the mask is not billed as input
+            image_tokens = _image_tokens(src.width or 1024, src.height or 1024)
+            max_image_tokens = _image_tokens(src.width, src.height) if src.width and src.height else _MAX_IMAGE_TOKENS
         cost = _token_cost(row, text_tokens, image_tokens, out_tokens)
-        latency = float(row.rates.get("latency_s", 12.0)) * max(1.0, size.width * size.height / 1024**2) ** 0.5
-        return Estimate(cost, latency, "tokens", Decimal(text_tokens + image_tokens + out_tokens))
+        worst_per_mp = per_mp[quality] if quality in _QUALITIES and quality in per_mp else max(per_mp.values())
+        max_out = request.n * math.ceil(worst_per_mp * megapixels)
+        most = _token_cost(row, len(request.prompt.encode()), max_image_tokens, max_out)
+        latency = float(row.rates.get("latency_s", 12.0)) * max(1.0, megapixels) ** 0.5
+        return Estimate(cost, latency, "tokens", Decimal(text_tokens + image_tokens + out_tokens), max_cost_usd=most)
 
     # --- the call ----------------------------------------------------------------
 
@@ -166,8 +185,7 @@ class OpenAIProvider(Provider):
         if client is None:
             import openai
 
-            kw: dict[str, Any] = {"api_key": self._api_key.get_secret_value() if self._api_key else None,
-                                  "max_retries": 0}
+            kw: dict[str, Any] = {"api_key": self._key.value(), "max_retries": 0}
             if region in self._region_urls:
                 kw["base_url"] = self._region_urls[region]
             elif self._base_url:
@@ -198,54 +216,71 @@ class OpenAIProvider(Provider):
                 files = await self._edit_files(request)
                 raw = await client.images.with_raw_response.edit(
                     **params, **files, timeout=timeout_s, extra_headers=headers)
-            body = raw.parse()
         except ImageRouterError:
             raise
         except Exception as exc:
             raise _map_error(exc, self.name) from None
-        return self._response(body, raw.headers.get("x-request-id"), model, request.output_format)
+        request_id = raw.headers.get("x-request-id")
+        try:
+            body = raw.parse()
+        except Exception as exc:  # a 200 whose body is not the API's JSON: no usage to settle from
+            raise MalformedResponse(f"response body unreadable ({type(exc).__name__})", provider=self.name,
+                                    status_code=raw.status_code, request_id=request_id) from None
+        return await self._response(body, request_id, model, request.output_format)
 
     async def _edit_files(self, request: ImageRequest) -> dict[str, Any]:
         assert request.init_image is not None
         image = await load_bytes(request.init_image)
         files: dict[str, Any] = {"image": ("image.png", image, request.init_image.mime or "image/png")}
         if request.mask_image is not None:
-            from router.images import decode
-
-            size = image_size(image)
-            mask = mask_to_alpha_repaint(decode(await load_bytes(request.mask_image), what="mask_image"), size)
-            files["mask"] = ("mask.png", encode(mask, "png"), "image/png")
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_alpha_repaint)
+            files["mask"] = ("mask.png", mask, "image/png")
         return files
 
-    def _response(self, body: Any, request_id: str | None, model: str, fmt: str) -> ProviderResponse:
-        try:
-            items = list(body.data or [])
-            images = []
-            for item in items:
-                data = base64.b64decode(item.b64_json)
-                w, h = image_size(data)
-                images.append(GeneratedImage(data=data, mime=_MIME.get(getattr(body, "output_format", None) or fmt,
-                                                                       "image/png"), width=w, height=h))
-        except (TypeError, ValueError, AttributeError, ImageDecodeError) as exc:
-            raise MalformedResponse(f"response images unreadable ({type(exc).__name__})", provider=self.name,
-                                    request_id=request_id) from None
+    async def _response(self, body: Any, request_id: str | None, model: str, fmt: str) -> ProviderResponse:
+        billing = self._billing(body, model, request_id)  # OpenAI billed this answer, whatever its images hold
+        items = getattr(body, "data", None)
+        items = list(items) if isinstance(items, list) else []
+        images: list[GeneratedImage] = []
+        problems: list[str] = []
+        for item in items:
+            try:  # off the event loop: a 4K image takes a while to convert and decode
+                data = await asyncio.to_thread(b64decode, getattr(item, "b64_json", None) or "", what="b64_json")
+                with await adecode(data, what="response image") as img:
+                    width, height = img.size
+            except (TypeError, ValueError, ImageDecodeError) as exc:
+                problems.append(type(exc).__name__)
+                continue
+            images.append(GeneratedImage(data=data, mime=sniff_mime(data) or _MIME.get(fmt, "image/png"),
+                                         width=width, height=height))
         if not images:
-            raise MalformedResponse("response held no images", provider=self.name, request_id=request_id)
-        return ProviderResponse(images, model, self._billing(body, model), request_id)
+            what = f"response images unreadable ({', '.join(sorted(set(problems)))})" if problems else \
+                "response held no images"
+            raise charged(MalformedResponse(what, provider=self.name, status_code=200, request_id=request_id),
+                          billing)
+        warnings = (f"{len(images)} of {len(items)} images returned: {len(problems)} unreadable "
+                    f"({', '.join(sorted(set(problems)))}), billed by OpenAI all the same",) if problems else ()
+        return ProviderResponse(images, model, billing, request_id, warnings=warnings)
 
-    def _billing(self, body: Any, model: str) -> Billing:
+    def _billing(self, body: Any, model: str, request_id: str | None) -> Billing:
+        """The bill from the answer's ``usage`` tokens at the price table's rates."""
         row = self.price_row(model)
         usage = getattr(body, "usage", None)
-        if usage is None:
-            raise MalformedResponse("response has no usage: cannot settle the cost", provider=self.name)
-        details = getattr(usage, "input_tokens_details", None)
-        text = int(getattr(details, "text_tokens", 0) or 0) if details else int(usage.input_tokens)
-        image_in = int(getattr(details, "image_tokens", 0) or 0) if details else 0
-        out = int(usage.output_tokens)
+        try:
+            if usage is None:
+                raise ValueError("no usage")
+            details = getattr(usage, "input_tokens_details", None)
+            text = int(getattr(details, "text_tokens", 0) or 0) if details else int(usage.input_tokens)
+            image_in = int(getattr(details, "image_tokens", 0) or 0) if details else 0
+            out = int(usage.output_tokens)
+            total = int(usage.total_tokens)
+        except (TypeError, ValueError, AttributeError):
+            raise MalformedResponse("response has no readable usage: cannot settle the cost", provider=self.name,
+                                    status_code=200, request_id=request_id) from None
         return Billing(
             cost_usd=_token_cost(row, text, image_in, out),
             unit="tokens",
-            quantity=Decimal(int(usage.total_tokens)),
+            quantity=Decimal(total),
             price_table_version=self.prices.version,
             details={"text_input_tokens": text, "image_input_tokens": image_in, "output_tokens": out},
         )
@@ -276,37 +311,98 @@ def _image_tokens(width: int, height: int) -> int:
     return 65 + 129 * math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
 
 
+# The most tiles an input image can take: its long side fits in 2048 (4 tiles), its short side in 768 (2).
+_MAX_IMAGE_TOKENS = 65 + 129 * math.ceil(2048 / 512) * math.ceil(768 / 512)
+_QUALITIES = frozenset({"low", "medium", "high"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SdkError:
+    """What an SDK status error says, in the ``{"error": {message, type, param, code}}`` shape of OpenAI's
+    API (Together's API answers the same shape, and its SDK raises the same kind of exception)."""
+
+    status: int
+    code: str | None
+    etype: str | None
+    message: str
+    request_id: str | None
+    headers: Mapping[str, str] | None
+
+    @classmethod
+    def of(cls, exc: Any) -> SdkError:
+        body = getattr(exc, "body", None)
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        err = err if isinstance(err, dict) else {}
+        response = getattr(exc, "response", None)
+        headers = getattr(response, "headers", None)
+        code, etype = err.get("code"), err.get("type")
+        return cls(
+            status=int(getattr(exc, "status_code", 0) or 0),
+            code=str(code) if code is not None else None,
+            etype=str(etype) if etype is not None else None,
+            message=redact(str(err.get("message") or "")),
+            request_id=headers.get("x-request-id") if headers is not None else None,
+            headers=headers,
+        )
+
+    @property
+    def text(self) -> str:
+        return f"HTTP {self.status}" + (f" {self.code}" if self.code else "") + (
+            f": {self.message}" if self.message else "")
+
+    def as_(self, kind: type[ImageRouterError], provider: str) -> ImageRouterError:
+        """This error as ``kind`` (a vendor code that means more than its status)."""
+        return kind(self.text, provider=provider, status_code=self.status, code=self.code, request_id=self.request_id)
+
+    def mapped(self, provider: str) -> ImageRouterError:
+        """This error by its HTTP status (:func:`providers.vendor.status_error`)."""
+        return status_error(self.status, self.text, provider=provider, code=self.code, request_id=self.request_id,
+                            headers=self.headers)
+
+
+def sdk_missing(module: str) -> str | None:
+    """Why a provider built on the vendor SDK ``module`` (also the name of its extra) cannot run, or None."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"the {module} SDK is not installed: pip install 'imagerouter[{module}]'"
+    return None
+
+
+def sdk_error(exc: Exception, provider: str, sdk: Any,
+              vendor_kind: Callable[[SdkError], type[ImageRouterError] | None]) -> ImageRouterError:
+    """An exception of a Stainless-generated SDK (``openai``, ``together``: the same exception classes)
+    as the router's error; nothing of the request is copied.
+
+    ``vendor_kind`` reads the vendor's own codes (a refusal, an empty account) off a status error;
+    where it returns None the HTTP status decides (:func:`providers.vendor.status_error`).
+    """
+    if isinstance(exc, sdk.APIConnectionError):  # its APITimeoutError included
+        return connection_error(exc, provider=provider)
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return MalformedResponse("response does not follow the API's shape", provider=provider,
+                                 status_code=getattr(exc, "status_code", None))
+    if isinstance(exc, sdk.APIStatusError):
+        err = SdkError.of(exc)
+        kind = vendor_kind(err)
+        return err.as_(kind, provider) if kind is not None else err.mapped(provider)
+    if isinstance(exc, ValueError):  # the body was not JSON
+        return MalformedResponse(f"response body unreadable ({type(exc).__name__})", provider=provider)
+    return ProviderUnavailable(f"unexpected {type(exc).__name__}", provider=provider)
+
+
+def _openai_kind(err: SdkError) -> type[ImageRouterError] | None:
+    """OpenAI's own codes: ``moderation_blocked`` (a 400) is a refusal; ``insufficient_quota`` (a 429:
+    OpenAI has no 402) an empty account (PROVIDERS.md, OpenAI Images: errors)."""
+    if err.status == 400 and err.code in ("moderation_blocked", "content_policy_violation"):
+        return ContentPolicyError
+    if err.code == "insufficient_quota":
+        return InsufficientCredits
+    return None
+
+
 def _map_error(exc: Exception, provider: str) -> ImageRouterError:
-    """The SDK's exception as the router's error class; nothing of the request is copied."""
+    """The openai SDK's exception as the router's error class."""
     import openai
 
-    status = getattr(exc, "status_code", None)
-    body = getattr(exc, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    code = err.get("code") if isinstance(err, dict) else None
-    message = redact(str(err.get("message") or "")) if isinstance(err, dict) else ""
-    response = getattr(exc, "response", None)
-    request_id = response.headers.get("x-request-id") if response is not None else None
-    kw: dict[str, Any] = {"provider": provider, "status_code": status, "code": code, "request_id": request_id}
-    text = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-    if isinstance(exc, openai.APITimeoutError):
-        return ProviderTimeout("the request timed out", **kw)
-    if isinstance(exc, openai.APIConnectionError):
-        return ProviderUnavailable("could not connect", **kw)
-    if isinstance(exc, openai.RateLimitError):
-        if code == "insufficient_quota":
-            return InsufficientCredits(text, **kw)
-        return RateLimited(text, retry_after=retry_after_s(getattr(response, "headers", None)), **kw)
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        return AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
-    if isinstance(exc, openai.BadRequestError) and code in ("moderation_blocked", "content_policy_violation"):
-        return ContentPolicyError(text, **kw)
-    if isinstance(exc, openai.APIResponseValidationError):
-        return MalformedResponse("response does not follow the API's shape", **kw)
-    if isinstance(exc, openai.BadRequestError | openai.NotFoundError | openai.UnprocessableEntityError):
-        return InvalidRequestError(text, **kw)
-    if isinstance(exc, openai.APIStatusError):
-        return ProviderUnavailable(text, **kw)
-    if isinstance(exc, ValueError):  # the body was not JSON
-        return MalformedResponse(f"response body unreadable ({type(exc).__name__})", **kw)
-    return ProviderUnavailable(f"unexpected {type(exc).__name__}", **kw)
+    return sdk_error(exc, provider, openai, _openai_kind)

@@ -23,7 +23,6 @@ and are passed by the file's ``urls.get``. Which inputs a model takes comes from
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import io
 import os
@@ -38,7 +37,18 @@ import httpx
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import ApiKey, billed_by, charged, combine, connection_error, fan_out, seed_for, status_error
+from providers.vendor import (
+    ApiKey,
+    billed_by,
+    charged,
+    combine,
+    connection_error,
+    download_paid,
+    fan_out,
+    known_models,
+    seed_for,
+    status_error,
+)
 from router.errors import (
     ContentPolicyError,
     Disposition,
@@ -52,7 +62,15 @@ from router.errors import (
 )
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules
-from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint, sniff_mime
+from router.images import (
+    ImageDecodeError,
+    adata_url,
+    amask_png,
+    image_size,
+    load_bytes,
+    mask_to_white_repaint,
+    sniff_mime,
+)
 from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -230,10 +248,7 @@ class ReplicateProvider(Provider):
         super().__init__(name=name, prices=prices)
         self._key = ApiKey(api_token, "REPLICATE_API_TOKEN")
         self._base_url = base_url or os.environ.get("REPLICATE_BASE_URL") or None
-        unknown = set(models) - set(CATALOG)
-        if unknown:
-            raise ValueError(f"unknown Replicate models {sorted(unknown)}; use {', '.join(MODELS)}")
-        self._models = tuple(models)
+        self._models = known_models("Replicate", models, MODELS)
         self._fetcher = fetcher or SafeFetcher()
         self._poll_interval_s = poll_interval_s
         self._max_wait_s = max(1, min(60, max_wait_s))
@@ -410,10 +425,9 @@ class ReplicateProvider(Provider):
                 await load_bytes(request.controls[0].image, fetcher=self._fetcher), deadline)
         if request.mask_image is not None and request.init_image is not None and "inpaint" in entry.caps.tasks:
             image = await load_bytes(request.init_image, fetcher=self._fetcher)
-            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image, fetcher=self._fetcher),
-                                                what="mask_image"), image_size(image))
-            inp |= {"image": await self._file_input(image, deadline),
-                    "mask": await self._file_input(encode(mask, "png"), deadline)}
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint,
+                                   fetcher=self._fetcher)
+            inp |= {"image": await self._file_input(image, deadline), "mask": await self._file_input(mask, deadline)}
         if request.init_image is not None and "img2img" in entry.caps.tasks:
             data = await load_bytes(request.init_image, fetcher=self._fetcher)
             inp["image"] = await self._file_input(data, deadline)
@@ -424,7 +438,7 @@ class ReplicateProvider(Provider):
     async def _file_input(self, data: bytes, deadline: float) -> str:
         """An input file as the prediction takes it: a data URL when small, else an uploaded file's URL."""
         if len(data) <= INLINE_MAX_BYTES:
-            return _data_url(data)
+            return await adata_url(data)
         return await self._upload(data, deadline)
 
     async def _upload(self, data: bytes, deadline: float) -> str:
@@ -512,62 +526,41 @@ class ReplicateProvider(Provider):
 
     async def _download_all(self, client: Any, pid: str, urls: list[str], seed: int | None,
                             deadline: float) -> dict[int, GeneratedImage]:
-        """Download every output, trying again (backing off, inside the deadline) the ones that failed, and
-        re-reading the prediction between tries: its answer may carry fresh URLs, or say its files are gone.
-        Raises when none could be had; returns what could, by output index."""
+        """Download every output of a succeeded (billed) prediction; a failed one is downloaded again, with
+        a fresh URL from the prediction where it gives one, never re-created. Raises when none could be had;
+        returns what could, by output index."""
         got: dict[int, GeneratedImage] = {}
         last: ImageRouterError | None = None
-        for attempt in range(_DOWNLOAD_ATTEMPTS):
-            if attempt:
-                delay = self._download_backoff_s * 2 ** (attempt - 1)
-                if time.monotonic() + delay >= deadline:
-                    break
-                await asyncio.sleep(delay)
-                fresh = await self._reread(client, pid)
-                if fresh is not None and fresh.get("data_removed") is True:
-                    last = ProviderUnavailable("the prediction's output files were removed", provider=self.name,
-                                               request_id=pid)
-                    break
-                fresh_urls = _output_urls(fresh) if fresh is not None else None
-                if fresh_urls is not None and len(fresh_urls) == len(urls):
-                    urls = fresh_urls
-            for i, url in enumerate(urls):
-                if i in got:
-                    continue
-                try:
-                    got[i] = await self._download(url, pid, seed if i == 0 else None, deadline)
-                except (ProviderUnavailable, ProviderTimeout) as exc:  # transient: try it again
-                    last = exc
-            if len(got) == len(urls):
-                break
+        for i, url in enumerate(urls):
+            try:
+                data = await download_paid(
+                    self._fetcher, url, provider=self.name, request_id=pid, deadline=deadline,
+                    attempts=_DOWNLOAD_ATTEMPTS, backoff_s=self._download_backoff_s,
+                    fresh_url=lambda i=i: self._fresh_output(client, pid, i, len(urls)))  # type: ignore[misc]
+            except (ProviderUnavailable, ProviderTimeout) as exc:
+                last = exc
+                continue
+            try:
+                w, h = image_size(data)
+            except ImageDecodeError:
+                raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
+            got[i] = GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h,
+                                    seed=seed if i == 0 else None)
         if not got:
             detail = f" ({last.message})" if last is not None else ""
-            raise ProviderUnavailable(f"output download failed{detail}; it may have expired",
+            raise ProviderUnavailable(f"no output could be downloaded{detail}; it may have expired",
                                       provider=self.name, request_id=pid)
         return got
 
-    async def _download(self, url: str, pid: str, seed: int | None, deadline: float) -> GeneratedImage:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProviderTimeout("no time left to download the output", provider=self.name, request_id=pid)
-        try:
-            async with asyncio.timeout(remaining):
-                data = await self._fetcher.fetch(url)
-        except TimeoutError:
-            raise ProviderTimeout("the output download timed out", provider=self.name, request_id=pid) from None
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, provider=self.name, request_id=pid) from None
-        except ProviderUnavailable as exc:
-            raise ProviderUnavailable(exc.message, provider=self.name, request_id=pid) from None
-        except ImageDecodeError:
-            raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
-        except InvalidRequestError as exc:  # an output URL the fetcher refuses, or over its byte cap
-            raise MalformedResponse(f"output refused: {exc.message}", provider=self.name, request_id=pid) from None
-        try:
-            w, h = image_size(data)
-        except ImageDecodeError:
-            raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
-        return GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h, seed=seed)
+    async def _fresh_output(self, client: Any, pid: str, index: int, count: int) -> str | None:
+        """Output ``index``'s URL as the prediction gives it now (None: unreadable or unchanged in shape);
+        raises when the prediction says its files were removed."""
+        fresh = await self._reread(client, pid)
+        if fresh is not None and fresh.get("data_removed") is True:
+            raise ProviderUnavailable("the prediction's output files were removed", provider=self.name,
+                                      request_id=pid)
+        urls = _output_urls(fresh) if fresh is not None else None
+        return urls[index] if urls is not None and len(urls) == count else None
 
     async def _reread(self, client: Any, pid: str) -> dict[str, Any] | None:
         """The prediction as it stands now, or None when it cannot be read (best effort)."""
@@ -681,5 +674,3 @@ def _status_error(exc: Any, headers: httpx.Headers | None, provider: str, pid: s
     return status_error(status, text, provider=provider, request_id=pid, headers=headers)
 
 
-def _data_url(data: bytes) -> str:
-    return f"data:{sniff_mime(data) or 'image/png'};base64,{base64.b64encode(data).decode()}"

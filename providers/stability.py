@@ -8,6 +8,11 @@ make identical images). ``finish-reason: CONTENT_FILTERED`` is not an error: the
 flagged ``nsfw=True``. Costs are credits from the price table ($0.01 each) per image.
 Creative upscales are async: POST answers ``{id}``; ``GET /v2beta/results/{id}``
 answers 202 while running and the image when done.
+
+Stability's answers carry no billing (no credits used, no balance): the bill is the price
+table's credits per image, counted for every 200 image answer, readable or not. An image
+the adapter cannot read is a MalformedResponse carrying that image's bill; when some calls
+of a fan-out fail, the others' images come back with a warning and their bill.
 """
 
 from __future__ import annotations
@@ -20,21 +25,26 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import billed_by, combine, fan_out, retry_after_s
+from providers.vendor import ApiKey, billed_by, charged, combine, connection_error, fan_out, known_models, status_error
 from router.errors import (
-    AuthenticationError,
     ContentPolicyError,
     ImageRouterError,
-    InsufficientCredits,
     InvalidRequestError,
     MalformedResponse,
     ProviderTimeout,
     ProviderUnavailable,
-    RateLimited,
     redact,
 )
 from router.geometry import SizePlan, SizeRules
-from router.images import ImageDecodeError, decode, encode, image_size, load_bytes, mask_to_white_repaint
+from router.images import (
+    ImageDecodeError,
+    adecode,
+    amask_png,
+    b64decode,
+    image_size,
+    load_bytes,
+    mask_to_white_repaint,
+)
 from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -123,13 +133,9 @@ class StabilityProvider(Provider):
         poll_interval_s: float = 2.0,
     ) -> None:
         super().__init__(name=name, prices=prices)
-        key = api_key if api_key is not None else os.environ.get("STABILITY_API_KEY")
-        self._api_key = SecretStr(key) if isinstance(key, str) else key
+        self._key = ApiKey(api_key, "STABILITY_API_KEY")
         self._base_url = (base_url or os.environ.get("STABILITY_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown Stability models {unknown}; use {', '.join(MODELS)}")
-        self._models = tuple(models)
+        self._models = known_models("Stability", models, MODELS)
         self._fetcher = fetcher
         self._poll_interval_s = poll_interval_s
         self._http: httpx.AsyncClient | None = None
@@ -146,9 +152,7 @@ class StabilityProvider(Provider):
         return _OPTIONS
 
     def configuration_problem(self) -> str | None:
-        if self._api_key is None or not self._api_key.get_secret_value():
-            return "not configured: set STABILITY_API_KEY"
-        return None
+        return self._key.problem()
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
@@ -223,8 +227,8 @@ class StabilityProvider(Provider):
         if self._http is None:
             import httpx
 
-            key = self._api_key.get_secret_value() if self._api_key else ""
-            self._http = httpx.AsyncClient(base_url=self._base_url, headers={"authorization": f"Bearer {key}"})
+            self._http = httpx.AsyncClient(base_url=self._base_url,
+                                           headers={"authorization": f"Bearer {self._key.value()}"})
         return self._http
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
@@ -232,14 +236,15 @@ class StabilityProvider(Provider):
             raise InvalidRequestError(f"unknown Stability model {model!r}", provider=self.name)
         plan = self.plan(request, model)
         path, fields, files = await self._form(request, model, plan)
+        bill = self._billing(model, 1)  # what one 200 image answer costs, read or not
         if model in UPSCALE_MODELS:
-            images = [await self._call(path, fields, files, timeout_s, poll=model == UPSCALE_MODELS[2])]
+            images = [await self._call(path, fields, files, timeout_s, bill, poll=model == UPSCALE_MODELS[2])]
         else:
             def call_for(i: int) -> Any:
                 own = dict(fields)
                 if request.seed is not None:
                     own["seed"] = str((request.seed + i) % (MAX_SEED + 1))
-                return self._call(path, own, files, timeout_s, poll=False)
+                return self._call(path, own, files, timeout_s, bill, poll=False)
 
             fan = await fan_out(request.n, call_for)
             billing = combine([self._billing(model, len(fan.done)), *billed_by(fan.errors)])
@@ -280,10 +285,9 @@ class StabilityProvider(Provider):
         if model == INPAINT_MODEL:
             files["image"] = await self._image_part(request)
             assert request.mask_image is not None
-            size = image_size(files["image"][1])
-            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image, fetcher=self._fetcher),
-                                                what="mask_image"), size)
-            files["mask"] = ("mask.png", encode(mask, "png"), "image/png")
+            mask = await amask_png(request.mask_image, image_size(files["image"][1]), mask_to_white_repaint,
+                                   fetcher=self._fetcher)
+            files["mask"] = ("mask.png", mask, "image/png")
             if "grow_mask" in options:
                 fields["grow_mask"] = str(int(options["grow_mask"]))
             return "/v2beta/stable-image/edit/inpaint", fields, files
@@ -307,7 +311,8 @@ class StabilityProvider(Provider):
         return "image.png", data, request.init_image.mime or "image/png"
 
     async def _call(self, path: str, fields: dict[str, str], files: dict[str, tuple[str, bytes, str]],
-                    timeout_s: float, *, poll: bool) -> GeneratedImage:
+                    timeout_s: float, bill: Billing, *, poll: bool) -> GeneratedImage:
+        """One image from one call; a 200 image answer that cannot be read raises carrying ``bill``."""
         import httpx
 
         parts: dict[str, Any] = {k: (None, v) for k, v in fields.items()} | files
@@ -335,11 +340,13 @@ class StabilityProvider(Provider):
                     await asyncio.sleep(min(self._poll_interval_s, max(0.0, deadline - loop.time())))
         except ImageRouterError:
             raise
-        except httpx.TimeoutException:
-            raise ProviderTimeout("the request timed out", provider=self.name) from None
         except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"could not connect ({type(exc).__name__})", provider=self.name) from None
-        return self._image(_checked(response, self.name))
+            raise connection_error(exc, provider=self.name) from None
+        answer = _checked(response, self.name)
+        try:
+            return await self._image(answer)
+        except MalformedResponse as exc:  # a 200 image answer: Stability billed it, readable or not
+            raise charged(exc, bill) from None
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
@@ -351,19 +358,18 @@ class StabilityProvider(Provider):
                                     status_code=response.status_code)
         return body
 
-    def _image(self, response: httpx.Response) -> GeneratedImage:
+    async def _image(self, response: httpx.Response) -> GeneratedImage:
         data = response.content
         try:
             if response.headers.get("content-type", "").startswith("application/json"):
-                import base64
-
                 body = self._json(response)
-                data = base64.b64decode(body["image"], validate=True)
+                data = await asyncio.to_thread(b64decode, body["image"], what="image")
                 reason, seed = body.get("finish_reason"), body.get("seed")
             else:
                 reason, seed = response.headers.get("finish-reason"), response.headers.get("seed")
-            width, height = image_size(data)
-            decode(data)
+            # every pixel decoded (off the event loop), under the pixel cap before any size is trusted
+            with await adecode(data, what="response image") as img:
+                width, height = img.size
             mime = _sniff(data)
         except (KeyError, TypeError, ValueError, ImageDecodeError) as exc:
             raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
@@ -412,19 +418,6 @@ def _checked(response: httpx.Response, provider: str) -> httpx.Response:
     code = str(name) if isinstance(name, str) else None
     request_id = body.get("id") if isinstance(body, dict) and isinstance(body.get("id"), str) else None
     text = redact(f"HTTP {status}" + (f" {code}" if code else "") + (f": {detail}" if detail else ""))
-    kw: dict[str, Any] = {"provider": provider, "status_code": status, "code": code, "request_id": request_id}
-    if status == 401:
-        raise AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
-    if status == 402:
-        raise InsufficientCredits(text, **kw)
-    if code == "content_moderation":
-        raise ContentPolicyError(text, **kw)
-    if status == 403:
-        raise AuthenticationError(text, **kw)
-    if status == 429:
-        raise RateLimited(text, retry_after=retry_after_s(response.headers), **kw)
-    if status >= 500:
-        raise ProviderUnavailable(text, **kw)
-    if 400 <= status < 500:
-        raise InvalidRequestError(text, **kw)
-    raise MalformedResponse(f"unexpected HTTP {status}", **kw)
+    if code == "content_moderation":  # Stability's refusal is a 403 (PROVIDERS.md): not a key problem
+        raise ContentPolicyError(text, provider=provider, status_code=status, code=code, request_id=request_id)
+    raise status_error(status, text, provider=provider, code=code, request_id=request_id, headers=response.headers)

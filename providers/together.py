@@ -6,11 +6,17 @@ init image sent as ``image_url``: a data URL, or the user's http(s) URL as is). 
 mask, no seed echo (the request's seed is the image's). Images come back base64.
 Together reports no usage, so the cost is computed from what was sent:
 images × megapixels × $/MP × steps / default steps. The SDK runs with ``max_retries=0``.
+
+A 200 answer is a generation Together bills, for every image it made, readable or not. An
+output that arrives as a URL is downloaded (through the safe fetcher), and a failed download
+is tried again a few times within the call's time, never re-generated. Images that cannot
+be had are dropped with a warning; when none is left, the error carries the generation's
+bill (:func:`providers.vendor.charged`), so the router settles it and tries the next candidate.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -20,21 +26,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import retry_after_s
+from providers.openai import SdkError, sdk_error, sdk_missing
+from providers.vendor import ApiKey, charged, download_paid, known_models
 from router.errors import (
-    AuthenticationError,
     ContentPolicyError,
     ImageRouterError,
     InsufficientCredits,
-    InvalidRequestError,
     MalformedResponse,
-    ProviderTimeout,
-    ProviderUnavailable,
-    RateLimited,
-    redact,
 )
 from router.geometry import SizeRules, plan_size
-from router.images import ImageDecodeError, image_size, sniff_mime
+from router.images import ImageDecodeError, adata_url, adecode, b64decode, sniff_mime
 from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -71,6 +72,7 @@ _CAPS: dict[str, Capabilities] = {
 }
 _MODERATION_CODES = frozenset({"nsfw_content", "content_policy_violation", "moderation_blocked"})
 _CREDIT_CODES = frozenset({"credit_limit_exceeded", "insufficient_credits", "insufficient_quota"})
+_REPORT_MARGIN_S = 0.5  # the most of a call's time kept back to hand a paid answer's bill to the router
 
 
 class TogetherProvider(Provider):
@@ -78,7 +80,8 @@ class TogetherProvider(Provider):
 
     ``api_key`` defaults to ``TOGETHER_API_KEY``; ``base_url`` to the SDK's host.
     ``fetcher`` downloads any output that comes back as a URL (outputs are
-    requested as base64, so normally none does).
+    requested as base64, so normally none does); a failed download is made up to
+    ``download_attempts`` times, ``download_backoff_s`` doubling between them.
     """
 
     kind = "together"
@@ -93,15 +96,17 @@ class TogetherProvider(Provider):
         fetcher: SafeFetcher | None = None,
         http_client: httpx.AsyncClient | None = None,
         prices: PriceTable | None = None,
+        download_attempts: int = 3,
+        download_backoff_s: float = 0.5,
     ) -> None:
         super().__init__(name=name, prices=prices)
-        key = api_key if api_key is not None else os.environ.get("TOGETHER_API_KEY")
-        self._api_key = SecretStr(key) if isinstance(key, str) else key
+        if download_attempts < 1:
+            raise ValueError("download_attempts must be at least 1")
+        self._key = ApiKey(api_key, "TOGETHER_API_KEY")
+        self._download_attempts = download_attempts
+        self._download_backoff_s = download_backoff_s
         self._base_url = base_url or os.environ.get("TOGETHER_BASE_URL") or None
-        unknown = [m for m in models if m not in _CAPS]
-        if unknown:
-            raise ValueError(f"unknown Together models {unknown}; known: {', '.join(MODELS)}")
-        self._models = tuple(models)
+        self._models = known_models("Together", models, MODELS)
         self._fetcher = fetcher
         self._http_client = http_client
         self._client_obj: together.AsyncTogether | None = None
@@ -118,13 +123,7 @@ class TogetherProvider(Provider):
         return _OPTIONS
 
     def configuration_problem(self) -> str | None:
-        if self._api_key is None or not self._api_key.get_secret_value():
-            return "not configured: set TOGETHER_API_KEY"
-        try:
-            import together  # noqa: F401
-        except ImportError:
-            return "the together SDK is not installed: pip install 'imagerouter[together]'"
-        return None
+        return self._key.problem() or sdk_missing("together")
 
     def plan(self, request: ImageRequest, model: str) -> Plan:
         base = super().plan(request, model)
@@ -173,8 +172,7 @@ class TogetherProvider(Provider):
         if self._client_obj is None:
             import together
 
-            kw: dict[str, Any] = {"api_key": self._api_key.get_secret_value() if self._api_key else None,
-                                  "max_retries": 0}
+            kw: dict[str, Any] = {"api_key": self._key.value(), "max_retries": 0}
             if self._base_url:
                 kw["base_url"] = self._base_url
             if self._http_client is not None:
@@ -211,6 +209,9 @@ class TogetherProvider(Provider):
         return params
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
+        loop = asyncio.get_running_loop()
+        # Downloads of a paid answer stop short of the call's time, so its bill reaches the router.
+        deadline = loop.time() + timeout_s - min(_REPORT_MARGIN_S, timeout_s / 10)
         params = self._params(request, model)
         if request.init_image is not None:
             image = request.init_image
@@ -218,61 +219,76 @@ class TogetherProvider(Provider):
                 params["image_url"] = image.url
             else:
                 assert image.data is not None
-                mime = image.mime or sniff_mime(image.data) or "image/png"
-                params["image_url"] = f"data:{mime};base64,{base64.b64encode(image.data).decode()}"
+                params["image_url"] = await adata_url(image.data, image.mime)
         client = self._client()
         try:
             raw = await client.images.with_raw_response.generate(**params, timeout=timeout_s)
-            body = await raw.parse()
         except ImageRouterError:
             raise
         except Exception as exc:
             raise _map_error(exc, self.name) from None
-        request_id = getattr(body, "id", None) or raw.headers.get("x-request-id")
-        images = await self._images(body, params, request_id)
-        cost, megapixels = self._cost(model, len(images), params["width"], params["height"], params.get("steps"))
-        billing = Billing(
+        header_id = raw.headers.get("x-request-id")
+        try:
+            body = await raw.parse()
+            items = sorted(body.data, key=lambda item: int(getattr(item, "index", 0) or 0))
+        except Exception as exc:  # a 200 we cannot read: Together made (and bills) the images asked for
+            error = MalformedResponse(f"response body unreadable ({type(exc).__name__})", provider=self.name,
+                                      status_code=raw.status_code, request_id=header_id)
+            raise charged(error, self._billing(model, params, params["n"])) from None
+        request_id = str(getattr(body, "id", None) or header_id or "") or None
+        billing = self._billing(model, params, len(items))
+        outcomes = await asyncio.gather(*(self._image(item, params, request_id, deadline) for item in items),
+                                        return_exceptions=True)
+        images = [o for o in outcomes if isinstance(o, GeneratedImage)]
+        errors = [o for o in outcomes if isinstance(o, ImageRouterError)]
+        for other in outcomes:
+            if isinstance(other, BaseException) and not isinstance(other, ImageRouterError):
+                raise other
+        if not images:
+            first = errors[0] if errors else MalformedResponse("response held no images", provider=self.name,
+                                                               request_id=request_id)
+            raise charged(first, billing)
+        warnings = (f"{len(images)} of {len(items)} images returned: {len(errors)} could not be had "
+                    f"({', '.join(sorted({e.kind for e in errors}))}), billed by Together all the same",) if errors \
+            else ()
+        return ProviderResponse(images, model, billing, request_id, warnings=warnings)
+
+    def _billing(self, model: str, params: dict[str, Any], images: int) -> Billing:
+        """The bill for ``images`` made as ``params`` asked (Together reports no usage)."""
+        cost, megapixels = self._cost(model, images, params["width"], params["height"], params.get("steps"))
+        return Billing(
             cost_usd=cost, unit="megapixel_steps", quantity=megapixels, price_table_version=self.prices.version,
-            details={"images": len(images), "width": params["width"], "height": params["height"],
+            details={"images": images, "width": params["width"], "height": params["height"],
                      "steps": params.get("steps")},
         )
-        return ProviderResponse(images, model, billing, str(request_id) if request_id else None)
 
-    async def _images(self, body: Any, params: dict[str, Any], request_id: Any) -> list[GeneratedImage]:
-        rid = str(request_id) if request_id else None
-        seed = params.get("seed")
-        images: list[GeneratedImage] = []
+    async def _image(self, item: Any, params: dict[str, Any], request_id: str | None,
+                     deadline: float) -> GeneratedImage:
+        """One output item as an image: base64 decoded, or its URL downloaded."""
+        b64, url = getattr(item, "b64_json", None), getattr(item, "url", None)
         try:
-            items = sorted(body.data, key=lambda item: int(getattr(item, "index", 0) or 0))
-            for item in items:
-                b64 = getattr(item, "b64_json", None)
-                if b64 is not None:
-                    data = base64.b64decode(b64, validate=True)
-                else:
-                    data = await self._download(str(item.url))
-                w, h = image_size(data)
-                images.append(GeneratedImage(data=data, mime=sniff_mime(data) or _MIME[params["output_format"]],
-                                             width=w, height=h, seed=seed))
-        except ImageRouterError:
-            raise
-        except (TypeError, ValueError, AttributeError, ImageDecodeError) as exc:
-            raise MalformedResponse(f"response images unreadable ({type(exc).__name__})", provider=self.name,
-                                    request_id=rid) from None
-        if not images:
-            raise MalformedResponse("response held no images", provider=self.name, request_id=rid)
-        return images
+            if b64 is not None:  # off the event loop, as the decoding below
+                data = await asyncio.to_thread(b64decode, b64, what="b64_json")
+            elif isinstance(url, str) and url:
+                data = await self._download(url, deadline)
+            else:
+                raise ValueError("an item with neither b64_json nor url")
+            with await adecode(data, what="response image") as img:
+                width, height = img.size
+        except (TypeError, ValueError, ImageDecodeError) as exc:
+            raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
+                                    status_code=200, request_id=request_id) from None
+        return GeneratedImage(data=data, mime=sniff_mime(data) or _MIME[params["output_format"]], width=width,
+                              height=height, seed=params.get("seed"))
 
-    async def _download(self, url: str) -> bytes:
+    async def _download(self, url: str, deadline: float) -> bytes:
+        """The output at ``url`` (already billed): downloaded again after a failure, never re-generated."""
         from router.fetch import SafeFetcher
 
         if self._fetcher is None:
             self._fetcher = SafeFetcher()
-        try:
-            return await self._fetcher.fetch(url)
-        except ImageRouterError:
-            raise
-        except Exception as exc:
-            raise ProviderUnavailable(f"output download failed ({type(exc).__name__})", provider=self.name) from None
+        return await download_paid(self._fetcher, url, provider=self.name, request_id=None, deadline=deadline,
+                                   attempts=self._download_attempts, backoff_s=self._download_backoff_s)
 
     async def aclose(self) -> None:
         if self._client_obj is not None:
@@ -280,39 +296,19 @@ class TogetherProvider(Provider):
             self._client_obj = None
 
 
+def _together_kind(err: SdkError) -> type[ImageRouterError] | None:
+    """Together's own codes: 402 and its credit codes are an empty account (spend limit); a 400/422
+    naming NSFW content is a refusal (PROVIDERS.md, Together AI: errors 400 401 402 403 404 429 500 503)."""
+    if err.status == 402 or err.code in _CREDIT_CODES or err.etype in _CREDIT_CODES:
+        return InsufficientCredits
+    if err.status in (400, 422) and (err.code in _MODERATION_CODES or err.etype in _MODERATION_CODES
+                                     or "nsfw" in err.message.lower()):
+        return ContentPolicyError
+    return None
+
+
 def _map_error(exc: Exception, provider: str) -> ImageRouterError:
-    """The SDK's exception as the router's error class; nothing of the request is copied."""
+    """The together SDK's exception as the router's error class."""
     import together
 
-    status = getattr(exc, "status_code", None)
-    body = getattr(exc, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    code = err.get("code") if isinstance(err, dict) else None
-    etype = err.get("type") if isinstance(err, dict) else None
-    message = redact(str(err.get("message") or "")) if isinstance(err, dict) else ""
-    response = getattr(exc, "response", None)
-    request_id = response.headers.get("x-request-id") if response is not None else None
-    kw: dict[str, Any] = {"provider": provider, "status_code": status, "code": code, "request_id": request_id}
-    text = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-    if isinstance(exc, together.APITimeoutError):
-        return ProviderTimeout("the request timed out", **kw)
-    if isinstance(exc, together.APIConnectionError):
-        return ProviderUnavailable("could not connect", **kw)
-    if isinstance(exc, together.APIResponseValidationError):
-        return MalformedResponse("response does not follow the API's shape", **kw)
-    if isinstance(exc, together.APIStatusError):
-        if status == 402 or code in _CREDIT_CODES or etype in _CREDIT_CODES:
-            return InsufficientCredits(text, **kw)
-        if status in (400, 422) and (code in _MODERATION_CODES or etype in _MODERATION_CODES
-                                     or "nsfw" in message.lower()):
-            return ContentPolicyError(text, **kw)
-        if isinstance(exc, together.RateLimitError):
-            return RateLimited(text, retry_after=retry_after_s(getattr(response, "headers", None)), **kw)
-        if isinstance(exc, together.AuthenticationError | together.PermissionDeniedError):
-            return AuthenticationError(f"HTTP {status}: the API key was refused", **kw)
-        if isinstance(exc, together.BadRequestError | together.NotFoundError | together.UnprocessableEntityError):
-            return InvalidRequestError(text, **kw)
-        return ProviderUnavailable(text, **kw)
-    if isinstance(exc, ValueError):  # the body was not JSON
-        return MalformedResponse(f"response body unreadable ({type(exc).__name__})", **kw)
-    return ProviderUnavailable(f"unexpected {type(exc).__name__}", **kw)
+    return sdk_error(exc, provider, together, _together_kind)

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import email.utils
 import os
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import SecretStr
 
@@ -30,6 +30,10 @@ from router.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from router.images import ImageDecodeError
+
+if TYPE_CHECKING:
+    from router.fetch import SafeFetcher
 
 T = TypeVar("T")
 
@@ -53,6 +57,14 @@ class ApiKey:
     def problem(self) -> str | None:
         """Why the provider cannot be called (no key), or None."""
         return None if self.value() else f"not configured: set {self.env}"
+
+
+def known_models(vendor: str, models: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
+    """``models`` as a tuple, after checking each is one the adapter knows (a typo fails at construction)."""
+    unknown = sorted(set(models) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {vendor} models {unknown}; use {', '.join(known)}")
+    return tuple(models)
 
 
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
@@ -137,6 +149,57 @@ def combine(parts: Sequence[Billing]) -> Billing:
 def billed_by(errors: Sequence[ImageRouterError]) -> list[Billing]:
     """The bills that failed calls carry."""
     return [e.billed for e in errors if e.billed is not None]
+
+
+# --- paid outputs ------------------------------------------------------------------------
+
+
+async def download_paid(fetcher: SafeFetcher, url: str, *, provider: str, request_id: str | None, deadline: float,
+                        attempts: int, backoff_s: float,
+                        fresh_url: Callable[[], Awaitable[str | None]] | None = None) -> bytes:
+    """The bytes of an output the vendor has already billed. A failed download is tried again (``backoff_s``
+    doubling, ``attempts`` tries at most, never past ``deadline`` on the loop's clock), asking ``fresh_url`` for
+    a new URL between tries where the API gives one; the job itself is never run again.
+
+    Raises MalformedResponse when the output is unusable whatever we do (not an image, a URL the fetcher
+    refuses, over its byte cap), ProviderTimeout when time ran out mid-download, else ProviderUnavailable.
+    The caller attaches the bill (:func:`charged`).
+    """
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    failure = "no time left"
+    tries = 0
+    for attempt in range(attempts):
+        if attempt:
+            wait = backoff_s * 2 ** (attempt - 1)
+            if loop.time() + wait >= deadline:
+                break
+            await asyncio.sleep(wait)
+            if fresh_url is not None:
+                url = await fresh_url() or url
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        tries += 1
+        try:
+            async with asyncio.timeout(left):
+                return await fetcher.fetch(url)
+        except TimeoutError:
+            raise ProviderTimeout("the output download did not finish within the call's time", provider=provider,
+                                  request_id=request_id) from None
+        except ImageDecodeError:
+            raise MalformedResponse("the output is not an image", provider=provider, request_id=request_id) from None
+        except (ProviderUnavailable, ProviderTimeout) as exc:  # transient: try it again
+            failure = exc.message
+        except (httpx.HTTPError, OSError) as exc:  # the connection dropped mid-download
+            failure = f"connection failed ({type(exc).__name__})"
+        except InvalidRequestError as exc:  # a URL the fetcher refuses, an oversized body: trying again won't help
+            raise MalformedResponse(f"output not downloadable: {exc.message}", provider=provider,
+                                    request_id=request_id) from None
+    raise ProviderUnavailable(f"output download failed {tries} time(s) ({failure}); it is paid for and was not "
+                              "generated again",
+                              provider=provider, request_id=request_id)
 
 
 # --- one image per call --------------------------------------------------------------------

@@ -101,7 +101,7 @@ class SafeFetcher:
                 data = await self._fetch(url)
         except TimeoutError:
             raise ProviderUnavailable(f"image download took over {self.timeout_s:.0f}s") from None
-        decode(data, what="downloaded image")
+        await asyncio.to_thread(decode, data, what="downloaded image")  # verified off the event loop
         return data
 
     async def _fetch(self, url: str) -> bytes:

@@ -36,15 +36,22 @@ class SizeRules:
         if self.fixed:
             return min(self.fixed, key=lambda s: (abs(math.log((s[0] / s[1]) / (w / h))), abs(s[0] * s[1] - w * h)))
         ratio = min(max(w / h, 1 / self.max_ratio), self.max_ratio)
-        area = min(max(w * h, self.min_pixels, self.min_side**2), self.max_pixels)
-        return self._snap(ratio, area)
+        return self._snap(ratio, self._area_within(ratio, w * h))
 
     def for_ratio(self, ratio: float) -> tuple[int, int]:
         """The canonical shape for an aspect ratio, at about the native area."""
         if self.fixed:
             return min(self.fixed, key=lambda s: (abs(math.log((s[0] / s[1]) / ratio)), -s[0] * s[1]))
         ratio = min(max(ratio, 1 / self.max_ratio), self.max_ratio)
-        return self._snap(ratio, self.native[0] * self.native[1])
+        return self._snap(ratio, self._area_within(ratio, self.native[0] * self.native[1]))
+
+    def _area_within(self, ratio: float, area: float) -> float:
+        """``area`` brought within what the pixel and side limits leave at ``ratio`` (a 1440-px side caps a
+        16:9 shape at 1440x810), so a wide or tall request lands on a wide or tall shape, not the default."""
+        elongation = max(ratio, 1 / ratio)
+        high = min(self.max_pixels, self.max_side**2 / elongation)
+        low = max(self.min_pixels, self.min_side**2 * elongation)
+        return min(max(area, low), high)
 
     def _snap(self, ratio: float, area: float) -> tuple[int, int]:
         m = self.multiple

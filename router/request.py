@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
@@ -35,6 +36,22 @@ def _image(value: Any) -> ImageInput | None:
 
 
 Image = Annotated[ImageInput, BeforeValidator(_image)]
+
+
+def _image_values(kw: dict[str, Any]) -> list[Any]:
+    """The image values among request keywords (``init_image``, ``mask_image``, each control's ``image``)."""
+    values = [kw.get("init_image"), kw.get("mask_image")]
+    controls = kw.get("controls")
+    if isinstance(controls, list | tuple):
+        values += [c.get("image") if isinstance(c, dict) else getattr(c, "image", None) for c in controls]
+    return values
+
+
+def _cheap_image(value: Any) -> bool:
+    """Whether validating ``value`` as an image costs microseconds (a header read at most)."""
+    if value is None or isinstance(value, ImageInput | bytes):
+        return True
+    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
 
 
 class _Model(BaseModel):
@@ -264,6 +281,18 @@ class ImageRequest(_Model):
             merged = (base.model_dump() if isinstance(base, Constraints) else dict(base or {})) | flat
             kw["constraints"] = Constraints(**merged)
         return cls(prompt=prompt, **kw)
+
+    @classmethod
+    async def afrom_kwargs(cls, prompt: str | ImageRequest, **kw: Any) -> ImageRequest:
+        """:meth:`from_kwargs` for async code: inline when validating costs microseconds, else in a
+        worker thread, so the event loop never waits on a file read, a base64 decode or a PIL encode.
+
+        Inline: no image, or images given as bytes (only their headers are read), URLs or ImageInputs.
+        In a thread: an image given as a path, base64, a data URL or a PIL image.
+        """
+        if all(_cheap_image(v) for v in _image_values(kw)):
+            return cls.from_kwargs(prompt, **kw)
+        return await asyncio.to_thread(cls.from_kwargs, prompt, **kw)
 
     def model_copy_validated(self, **changes: Any) -> ImageRequest:
         """A copy with ``changes`` applied, validated again."""

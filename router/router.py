@@ -217,10 +217,10 @@ class AsyncRouter:
             with reporting_to(on_progress):
                 return await self.agenerate(request, policy=policy, **kw)
         start = self._clock()
-        req = ImageRequest.from_kwargs(request, **kw)
+        req = await ImageRequest.afrom_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
         if pol is not self.policy:
-            self._apply_budgets(pol)
+            await self._ledger.run(self._apply_budgets, pol)
         request_id = f"ir_{secrets.token_hex(10)}"
         if req.idempotency_key is None:
             req = req.model_copy(update={"idempotency_key": request_id})

@@ -44,6 +44,11 @@ on that tag; a key's ``rpm`` caps its image requests per minute (429 ``rate_limi
 ``Retry-After`` beyond it). With no keys the app is open and logs a warning; :func:`serve` refuses to bind anything but
 loopback without keys unless ``allow_open=True``.
 
+Nothing blocks the event loop: a body or an answer over 256 KiB is parsed, decoded and encoded in a worker
+thread, a slice at a time (inline images are never parsed by json or copied whole), and images are checked
+from their headers; the pixels are decoded by the backend that needs them. Answers are sent as a series of
+parts with a ``Content-Length``.
+
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (the
 field in ``param``) or content policy, 401 missing or wrong key, 404 unknown route or model, 413 body or
 image over its limit, 429 budget exceeded (code ``budget_exceeded``) or every provider rate limited,
@@ -53,8 +58,7 @@ request (``no_route``), 504 deadline exceeded. Messages never carry a secret.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -62,19 +66,20 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import UploadFile
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from policies.policy import PRESETS
 from router.errors import (
@@ -89,7 +94,14 @@ from router.errors import (
     RequestValidationError,
     redact,
 )
-from router.images import MAX_IMAGE_BYTES
+from router.images import (
+    MAX_IMAGE_BYTES,
+    ImageDecodeError,
+    b64decode,
+    b64encode_parts,
+    join_pieces,
+    let_others_run,
+)
 from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys
 from router.logs import install_redaction
 from router.metrics import ServerMetrics
@@ -122,6 +134,17 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 _PARAM_NAMES = {"width": "size", "height": "size", "init_image": "image", "mask_image": "mask"}
 _FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _MAX_WARNING_HEADERS = 20
+_MAX_FILES, _MAX_FIELDS = 4, 100
+
+# Nothing blocks the event loop: a request body, or the images of an answer, up to _INLINE_BYTES is
+# handled on the loop (microseconds); a larger one in a worker thread. There, JSON, multipart and
+# base64 work on slices of at most _SLICE bytes per C call, so the thread hands the GIL back to the
+# loop within a millisecond or two: a long string value (an inline image) is never parsed, copied or
+# decoded whole in one call.
+_INLINE_BYTES = 256 * 1024
+_LONG_STRING = 64 * 1024
+_SLICE = 256 * 1024
+_YIELD_BYTES = 256 * 1024  # the loop runs other tasks after each 256 KiB of a body read or an answer sent
 
 
 # --- errors ------------------------------------------------------------------------
@@ -206,22 +229,262 @@ class _Settings:
 
 
 def _client_image(value: Any, param: str, s: _Settings) -> bytes | str:
-    """Image bytes from a base64 string or data URL sent by a client (never a server path)."""
-    if not isinstance(value, str):
+    """Image bytes from a base64 string or data URL sent by a client (never a server path).
+
+    ``value`` is a str, or a :class:`_Span` of a large body; base64 is decoded in slices.
+    """
+    text: str | memoryview
+    if isinstance(value, _Span):
+        text = value.view()
+        head = bytes(text[:8]).decode("ascii", "replace").lower()
+        comma = value.body.find(b",", value.start, min(value.end, value.start + 1024)) - value.start
+    elif isinstance(value, str):
+        text, head, comma = value, value[:8].lower(), value.find(",", 0, 1024)
+    else:
         raise APIError(400, f"'{param}' must be a base64 string or a data URL.", param=param, code="invalid_type")
-    if value[:8].lower().startswith(("http://", "https://")):
+    if head.startswith(("http://", "https://")):
         if s.allow_image_urls:
-            return value
+            return value.text() if isinstance(value, _Span) else value
         raise APIError(400, f"'{param}': this server does not fetch image URLs; send base64 or a data URL.",
                        param=param, code="invalid_value")
-    payload = value.partition(",")[2] if value[:5].lower() == "data:" else value
-    if len(payload) > s.max_image_bytes * 4 // 3 + 4:
+    start = 0
+    if head.startswith("data:"):
+        start = comma + 1 if comma >= 0 else len(text)
+    if len(text) - start > s.max_image_bytes * 4 // 3 + 4:
         raise _too_large(f"'{param}'", s.max_image_bytes, param)
     try:
-        return base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError):
+        return b64decode(text, start=start, what=param)
+    except ImageDecodeError:
         raise APIError(400, f"'{param}' is not valid base64 or a data URL.", param=param,
                        code="invalid_value") from None
+
+
+# --- large bodies, without holding the GIL for long ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """A long string value of a JSON body, left where it is: ``body[start:end]`` holds its characters
+    (no escape among them). Image fields decode it from there; any other field gets :meth:`text`."""
+
+    body: bytes
+    start: int
+    end: int
+
+    def view(self) -> memoryview:
+        return memoryview(self.body)[self.start:self.end]
+
+    def text(self) -> str:
+        """The string itself, as json.loads reads it (the rare long value that is not an image)."""
+        return str(json.loads(self.body[self.start - 1:self.end + 1]))
+
+
+def _find(body: bytes, char: bytes, start: int, end: int) -> int:
+    """``body.find(char, start, end)``, scanning at most _SLICE bytes per call."""
+    for pos in range(start, end, _SLICE):
+        found = body.find(char, pos, min(pos + _SLICE, end))
+        if found >= 0:
+            return found
+        let_others_run()
+    return -1
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads(body)`` for a large body: string values longer than _LONG_STRING with no escape in
+    them (inline images) are cut out and left in the body as :class:`_Span`; the rest is parsed at once.
+
+    Outside strings JSON has no quote, so the unescaped quotes, in order, open and close its strings.
+    """
+    if b"\x00" in body[:4]:  # UTF-16/32: not worth the trouble
+        return json.loads(body)
+    nonce = secrets.token_hex(8)
+    spans: dict[str, _Span] = {}
+    skeleton: list[bytes] = []
+    pos = copied = 0
+    while (quote := _find(body, b'"', pos, len(body))) >= 0:
+        close = quote
+        while True:  # the closing quote: the next one that no backslash escapes
+            close = _find(body, b'"', close + 1, len(body))
+            if close < 0:
+                return json.loads(body)  # unterminated: json says how
+            first = close
+            while body[first - 1] == 0x5C:
+                first -= 1
+            if (close - first) % 2 == 0:
+                break
+        if close - quote - 1 > _LONG_STRING and _find(body, b"\\", quote + 1, close) < 0:
+            mark = f"\x00{nonce}:{len(spans)}"
+            spans[mark] = _Span(body, quote + 1, close)
+            skeleton += [body[copied:quote], json.dumps(mark).encode()]
+            copied = close + 1
+        pos = close + 1
+    if not spans:
+        return json.loads(body)
+    skeleton.append(body[copied:])
+    return _restore(json.loads(b"".join(skeleton)), spans, ())
+
+
+def _restore(value: Any, spans: dict[str, _Span], path: tuple[Any, ...]) -> Any:
+    """The parsed skeleton with its marks replaced: by the span in an image field, else by the string."""
+    if isinstance(value, str):
+        span = spans.get(value)
+        if span is None:
+            return value
+        image = path in (("init_image",), ("mask_image",)) or (len(path) == 3 and path[0] == "controls"
+                                                                and path[2] == "image")
+        return span if image else span.text()
+    if isinstance(value, dict):
+        return {(spans[k].text() if k in spans else k): _restore(v, spans, (*path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v, spans, (*path, i)) for i, v in enumerate(value)]
+    return value
+
+
+def _joined(chunks: list[bytes]) -> bytes:
+    """The body's chunks in one bytes object (:func:`~router.images.join_pieces`: b"".join would hold
+    the GIL for the whole copy). Empties ``chunks`` as it goes: freeing hundreds of chunks at once,
+    on the loop, would stall it too."""
+    return chunks[0] if len(chunks) == 1 else join_pieces(_consumed(chunks))
+
+
+def _consumed(chunks: list[bytes]) -> Iterator[bytes]:
+    """Each chunk in turn, dropped from the list once handed out (so it is freed here, bit by bit)."""
+    for i in range(len(chunks)):
+        chunk, chunks[i] = chunks[i], b""
+        yield chunk
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = _loads(raw) if len(raw) > _INLINE_BYTES else json.loads(raw)
+    except ValueError:
+        raise APIError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return body
+
+
+@dataclass(eq=False)
+class _FilePart:
+    """An uploaded file of a multipart body: its pieces, kept up to the image cap."""
+
+    name: str
+    size: int = 0
+    pieces: list[bytes] = field(default_factory=list)
+
+
+def _read_form(content_type: str, chunks: list[bytes], s: _Settings) -> list[tuple[str, str | _FilePart]]:
+    """The parts of a multipart body in order: fields as text, files as :class:`_FilePart`.
+
+    python-multipart is fed _SLICE bytes at a time; a file's bytes are kept only up to
+    ``max_image_bytes`` (its size is still counted), a field's up to 1 MiB.
+    """
+    def fail(message: str) -> APIError:
+        return APIError(400, f"The multipart body could not be read: {message}")
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise fail("Missing boundary in multipart.")
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    items: list[tuple[str, str | _FilePart]] = []
+    header = [b"", b""]
+    part: dict[str, Any] = {}
+    counts = {"files": 0, "fields": 0}
+
+    def text(data: bytes) -> str:
+        try:
+            return data.decode(charset)
+        except (UnicodeDecodeError, LookupError):
+            return data.decode("latin-1")
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(disposition=b"", value=None)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            part["disposition"] = header[1]
+        header[0] = header[1] = b""
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(part["disposition"])
+        if b"name" not in options:
+            raise fail('The Content-Disposition header field "name" must be provided.')
+        name = text(options[b"name"])
+        if b"filename" in options:
+            counts["files"] += 1
+            if counts["files"] > _MAX_FILES:
+                raise fail(f"Too many files. Maximum number of files is {_MAX_FILES}.")
+            part["value"] = _FilePart(name)
+        else:
+            counts["fields"] += 1
+            if counts["fields"] > _MAX_FIELDS:
+                raise fail(f"Too many fields. Maximum number of fields is {_MAX_FIELDS}.")
+            part["value"] = bytearray()
+        part["name"] = name
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        value = part["value"]
+        if isinstance(value, _FilePart):
+            value.size += end - start
+            if value.size <= s.max_image_bytes:
+                value.pieces.append(data[start:end])
+        else:
+            if len(value) + end - start > _MAX_FIELD_BYTES:
+                raise fail(f"Part exceeded maximum size of {_MAX_FIELD_BYTES // 1024}KB.")
+            value += data[start:end]
+
+    def on_part_end() -> None:
+        value = part["value"]
+        items.append((part["name"], value if isinstance(value, _FilePart) else text(bytes(value))))
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+    })
+    try:
+        for chunk in _consumed(chunks):
+            for pos in range(0, len(chunk), _SLICE):
+                parser.write(chunk[pos:pos + _SLICE] if len(chunk) > _SLICE else chunk)
+                let_others_run()
+        parser.finalize()
+    except FormParserError:
+        raise fail("Invalid multipart data.") from None
+    return items
+
+
+def _edit(content_type: str, chunks: list[bytes], router: AsyncRouter, key: ServerKey | None,
+          s: _Settings) -> _Parsed:
+    """The request of a multipart ``/v1/images/edits`` body (given as the chunks it arrived in)."""
+    body: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for name, value in _read_form(content_type, chunks, s):
+        if isinstance(value, _FilePart):
+            param = {"image": "image", "image[]": "image", "mask": "mask"}.get(name)
+            if param is None:
+                raise APIError(400, f"Unrecognized file supplied: {name}", param=name, code="unknown_parameter")
+            target = "init_image" if param == "image" else "mask_image"
+            if target in files:
+                raise APIError(400, f"Send one '{param}' file; this server edits one image at a time.",
+                               param=param, code="invalid_value")
+            if value.size > s.max_image_bytes:
+                raise _too_large(f"'{param}'", s.max_image_bytes, param)
+            files[target] = join_pieces(_consumed(value.pieces))
+        elif name in ("image", "image[]", "mask", "init_image", "mask_image"):
+            raise APIError(400, f"'{name}' must be uploaded as a file.", param=name, code="invalid_type")
+        else:
+            body[name] = _form_value(name, value)
+    if "init_image" not in files:
+        raise APIError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+    return _build(body, router, key, s, files)
 
 
 def _resolve_model(model: Any, router: AsyncRouter, s: _Settings, kw: dict[str, Any], notes: list[str]) -> None:
@@ -378,10 +641,10 @@ def _usage(result: GenerationResult) -> dict[str, Any] | None:
             "output_tokens": out, "total_tokens": text + image + out}
 
 
-def _images_body(result: GenerationResult, parsed: _Parsed) -> dict[str, Any]:
+def _images_body(result: GenerationResult, parsed: _Parsed, payloads: list[str]) -> dict[str, Any]:
+    """The answer's JSON body, with ``payloads[i]`` where image i's base64 goes."""
     data = []
-    for img in result.images:
-        b64 = base64.b64encode(img.data).decode()
+    for img, b64 in zip(result.images, payloads, strict=True):
         data.append({"url": f"data:{img.mime};base64,{b64}"} if parsed.response_format == "url" else {"b64_json": b64})
     first = result.images[0]
     body: dict[str, Any] = {
@@ -398,6 +661,48 @@ def _images_body(result: GenerationResult, parsed: _Parsed) -> dict[str, Any]:
     summary["warnings"] = [*parsed.notes, *result.warnings]
     body["imagerouter"] = summary
     return body
+
+
+def _answer_parts(result: GenerationResult, parsed: _Parsed) -> list[bytes]:
+    """The answer's JSON body as consecutive byte strings: the JSON around the images rendered by
+    json.dumps (with a mark where each image goes), each image's base64 converted in slices."""
+    nonce = secrets.token_hex(8)
+    marks = [f"\x00{nonce}:{i}" for i in range(len(result.images))]
+    text = json.dumps(_images_body(result, parsed, marks), ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":"))
+    parts: list[bytes] = []
+    pos = 0
+    for mark, img in zip(marks, result.images, strict=True):
+        token = json.dumps(mark)[1:-1]  # the mark as it reads inside the JSON text
+        at = text.index(token, pos)
+        parts.append(text[pos:at].encode())
+        parts.extend(b64encode_parts(img.data))
+        pos = at + len(token)
+    parts.append(text[pos:].encode())
+    return parts
+
+
+class _JSONParts(Response):
+    """A JSON answer sent as the consecutive byte strings it was rendered in, never joined into one."""
+
+    media_type = "application/json"
+
+    def __init__(self, parts: list[bytes], status_code: int = 200) -> None:
+        self.parts = parts
+        super().__init__(status_code=status_code)
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        parts, self.parts = self.parts, []
+        last, sent = len(parts) - 1, 0
+        for i in range(len(parts)):
+            part, parts[i] = parts[i], b""  # each part is freed once sent, not all together at the end
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+            sent += len(part)
+            if sent >= _YIELD_BYTES:  # let other tasks run while a large answer goes out
+                sent = 0
+                await asyncio.sleep(0)
 
 
 # --- the app ------------------------------------------------------------------------
@@ -529,38 +834,45 @@ def create_app(
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", error="InvalidAPIKey")
         return entry
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(request: Request) -> list[bytes]:
+        """The body as the chunks it arrived in (joining them is left to whoever reads it, off the loop
+        when it is large)."""
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 raise APIError(400, "Invalid Content-Length header.")
             if int(length) > settings.max_body_bytes:
                 raise _too_large("The request body", settings.max_body_bytes)
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total, pause = 0, _YIELD_BYTES
         async for chunk in request.stream():
             total += len(chunk)
             if total > settings.max_body_bytes:
                 raise _too_large("The request body", settings.max_body_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            if chunk:
+                chunks.append(chunk)
+            if total >= pause:  # a body already buffered arrives without a pause: make one
+                pause += _YIELD_BYTES
+                await asyncio.sleep(0)
+        return chunks
 
-    async def json_body(request: Request) -> dict[str, Any]:
-        raw = await read_body(request)
+    async def parse_json(request: Request, key: ServerKey | None) -> _Parsed:
+        chunks = await read_body(request)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
             raise APIError(400, "Send the request body as JSON (Content-Type: application/json).")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        return body
+        if sum(len(c) for c in chunks) <= _INLINE_BYTES:
+            return _build(_json_object(b"".join(chunks)), router, key, settings)
+        return await asyncio.to_thread(lambda: _build(_json_object(_joined(chunks)), router, key, settings))
 
     async def generate(parsed: _Parsed) -> Response:
         result = await router.agenerate(parsed.request, policy=parsed.policy)
         metrics.observe_generation(result.provider, result.model, len(result.images), result.cost.actual_usd)
-        response = JSONResponse(_images_body(result, parsed))
+        if sum(len(img.data) for img in result.images) <= _INLINE_BYTES:
+            parts = _answer_parts(result, parsed)
+        else:
+            parts = await asyncio.to_thread(_answer_parts, result, parsed)
+        response = _JSONParts(parts)
         for name, value in _headers(result, parsed.notes):
             response.headers.append(name, value)
         return response
@@ -580,56 +892,26 @@ def create_app(
     async def images_generations(request: Request) -> Response:
         key = authenticate(request)
         within_rate(key)
-        return await generate(_build(await json_body(request), router, key, settings))
+        return await generate(await parse_json(request, key))
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> Response:
         key = authenticate(request)
         within_rate(key)
-        raw = await read_body(request)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+        chunks = await read_body(request)
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
             raise APIError(400, "Send image edits as multipart/form-data.")
-
-        async def stream() -> AsyncGenerator[bytes, None]:
-            yield raw
-
-        try:
-            form = await MultiPartParser(request.headers, stream(), max_files=4, max_fields=100,
-                                         max_part_size=_MAX_FIELD_BYTES).parse()
-        except MultiPartException as exc:
-            raise APIError(400, f"The multipart body could not be read: {exc.message}") from None
-        try:
-            body: dict[str, Any] = {}
-            files: dict[str, bytes] = {}
-            for name, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    param = {"image": "image", "image[]": "image", "mask": "mask"}.get(name)
-                    if param is None:
-                        raise APIError(400, f"Unrecognized file supplied: {name}", param=name,
-                                       code="unknown_parameter")
-                    target = "init_image" if param == "image" else "mask_image"
-                    if target in files:
-                        raise APIError(400, f"Send one '{param}' file; this server edits one image at a time.",
-                                       param=param, code="invalid_value")
-                    if value.size is not None and value.size > settings.max_image_bytes:
-                        raise _too_large(f"'{param}'", settings.max_image_bytes, param)
-                    files[target] = await value.read()
-                elif name in ("image", "image[]", "mask", "init_image", "mask_image"):
-                    raise APIError(400, f"'{name}' must be uploaded as a file.", param=name, code="invalid_type")
-                else:
-                    body[name] = _form_value(name, value)
-        finally:
-            await form.close()
-        if "init_image" not in files:
-            raise APIError(400, "Missing required parameter: 'image'.", param="image",
-                           code="missing_required_parameter")
-        return await generate(_build(body, router, key, settings, files))
+        if sum(len(c) for c in chunks) <= _INLINE_BYTES:
+            return await generate(_edit(content_type, chunks, router, key, settings))
+        return await generate(await asyncio.to_thread(_edit, content_type, chunks, router, key, settings))
 
     @app.post("/v1/route")
     async def route(request: Request) -> Response:
         key = authenticate(request)
-        parsed = _build(await json_body(request), router, key, settings)
-        decision = router.route(parsed.request, policy=parsed.policy)
+        parsed = await parse_json(request, key)
+        # a thread: a file ledger's headroom may wait on another process's write lock
+        decision = await asyncio.to_thread(router.route, parsed.request, policy=parsed.policy)
         return JSONResponse({"object": "route", "decision": decision.to_dict(), "explain": decision.explain(),
                              "warnings": parsed.notes})
 

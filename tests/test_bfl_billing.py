@@ -77,7 +77,7 @@ async def test_a_sample_that_never_downloads_is_charged_and_falls_back(bfl2: BFL
         assert bfl.submitted() == 1 and bfl2.submitted() == 1  # the paid task was never re-run
         first, second = result.attempts
         assert (first.provider, first.error, first.cost_usd) == ("bfl", "ProviderUnavailable", Decimal("0.08"))
-        assert "the task was billed" in (first.message or "")
+        assert "paid for and was not generated again" in (first.message or "")
         assert (second.provider, second.outcome, second.cost_usd) == ("bfl-backup", "success", Decimal("0.04"))
         assert result.provider == "bfl-backup"
         assert result.cost.actual_usd == ledger.spent() == bfl.billed_usd + bfl2.billed_usd == Decimal("0.12")

@@ -136,3 +136,29 @@ async def test_a_control_request_goes_only_where_a_controlnet_exists(fleet: Flee
             result = await r.agenerate("a house", controls=[{"kind": "canny", "image": buf.getvalue()}])
     assert result.provider == "stability" and stab.hits() == 1
     assert {x.provider for x in result.decision.rejections} == {"bfl", "openai", "together"}
+
+
+async def test_a_refusal_and_a_paid_failure_across_kinds_end_on_the_third_with_every_cost_in_the_ledger(
+    fleet: Fleet,
+) -> None:
+    import base64
+    import json
+
+    from router.ledger import Ledger
+
+    fleet.stability.faults.push(Fault("invalid_request", status=422))  # this backend will not: the next may
+    usage = {"input_tokens": 4, "input_tokens_details": {"text_tokens": 4, "image_tokens": 0},
+             "output_tokens": 1056, "total_tokens": 1060}
+    unreadable = {"created": 1, "data": [{"b64_json": base64.b64encode(b"no image").decode()}], "usage": usage}
+    fleet.openai.faults.push(Fault.malformed(json.dumps(unreadable).encode()))  # a 200 OpenAI bills by its usage
+    ledger = Ledger(":memory:")
+    order = Policy(name="ordered", fallback_order=("stability", "openai", "together", "bfl"))
+    async with AsyncRouter(fleet.providers(), ledger=ledger, sleep=_sleep, policy=order) as r:
+        result = await r.agenerate("a lighthouse at dusk", width=1024, height=1024)
+    openai_usd = (4 * Decimal(5) + 1056 * Decimal(30)) / Decimal(1_000_000)  # gpt-image-2 token prices
+    assert [(a.provider, a.error, a.cost_usd) for a in result.attempts] == [
+        ("stability", "InvalidRequestError", 0), ("openai", "MalformedResponse", openai_usd),
+        ("together", None, Decimal("0.0027"))]
+    assert result.provider == "together" and result.cost.actual_usd == openai_usd + Decimal("0.0027")
+    assert ledger.spent() == result.cost.actual_usd
+    assert fleet.hits() == {"openai": 1, "openai_eu": 0, "stability": 1, "bfl": 0, "bfl_eu": 0, "together": 1}

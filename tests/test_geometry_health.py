@@ -84,3 +84,12 @@ def test_retry_after_reads_ms_seconds_and_http_dates() -> None:
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 < (retry_after_s({"retry-after": soon}) or 0) <= 30
     assert retry_after_s({"retry-after": "soon"}) is None and retry_after_s(None) is None
+
+
+def test_a_wide_size_over_the_side_limit_stays_wide() -> None:
+    rules = SizeRules(multiple=32, min_side=256, max_side=1440, max_pixels=1440 * 1440, native=(1024, 1024))
+    w, h = rules.nearest(1920, 1080)
+    assert rules.allows(w, h) and w == 1440 and abs(w / h - 16 / 9) < 0.05  # not the 1024x1024 default
+    w, h = rules.for_ratio(21 / 9)
+    assert rules.allows(w, h) and w / h > 2.2
+    assert plan_size(1080, 1920, None, rules).height == 1440

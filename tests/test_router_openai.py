@@ -81,8 +81,9 @@ async def test_edit_with_a_white_repaint_mask_is_sent_as_alpha_zero(sandbox: Ope
 
     mask = Image.open(io.BytesIO(req.files["mask"][0]))
     assert mask.mode == "RGBA"
-    assert mask.getpixel((10, 500))[3] == 0  # white (repaint) in our mask → alpha 0 for OpenAI
-    assert mask.getpixel((1000, 500))[3] == 255  # black (keep) → opaque
+    alpha = mask.getchannel("A")
+    assert alpha.getpixel((10, 500)) == 0  # white (repaint) in our mask → alpha 0 for OpenAI
+    assert alpha.getpixel((1000, 500)) == 255  # black (keep) → opaque
     out = result.images[0].to_pil().convert("RGB")
     assert out.getpixel((1000, 500)) == (10, 200, 10)  # the kept half is the init image
     assert out.getpixel((10, 500)) != (10, 200, 10)
@@ -117,16 +118,43 @@ async def test_5xx_retries_with_backoff_then_falls_back_to_the_next_provider(
     assert result.cost.actual_usd > 0 and all(a.cost_usd == 0 for a in result.attempts[:3])
 
 
-async def test_400_is_that_candidates_failure_and_falls_back(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
-    sandbox.faults.push(Fault.invalid_request(param="size"))
+@pytest.mark.parametrize(("fault", "status"), [
+    (Fault.invalid_request(param="size"), 400),
+    (Fault("invalid_request", status=404, code="model_not_found", message="The model does not exist."), 404),
+    (Fault("invalid_request", status=422, message="Unprocessable request."), 422),
+])
+async def test_a_4xx_answer_falls_back_to_the_next_candidate(sandbox: OpenAISandbox, sandbox2: OpenAISandbox,
+                                                             fault: Fault, status: int) -> None:
+    sandbox.faults.push(fault)
     ledger = Ledger(":memory:")
     async with make_router(provider(sandbox), provider(sandbox2, "openai-backup"), ledger=ledger) as router:
         result = await router.agenerate("a cat")
     assert result.provider == "openai-backup"
-    assert [(a.provider, a.error, a.status_code) for a in result.attempts] == [
-        ("openai", "InvalidRequestError", 400), ("openai-backup", None, None)]
-    assert sandbox.hits() == 1 and sandbox2.hits() == 1
-    assert ledger.spent() == result.cost.actual_usd  # the rejected call charged nothing
+    assert [(a.provider, a.error, a.status_code, a.cost_usd) for a in result.attempts] == [
+        ("openai", "InvalidRequestError", status, 0), ("openai-backup", None, None, result.cost.actual_usd)]
+    assert sandbox.hits() == 1 and sandbox2.hits() == 1  # not retried: the same call would fail the same way
+    assert ledger.spent() == result.cost.actual_usd  # the refused call cost nothing
+
+
+async def test_a_4xx_answer_on_the_last_candidate_is_the_error_raised(sandbox: OpenAISandbox) -> None:
+    sandbox.faults.push(Fault.invalid_request(param="size"))
+    async with make_router(provider(sandbox)) as router:
+        with pytest.raises(AllProvidersFailed) as info:
+            await router.agenerate("a cat")
+    assert [(a.error, a.status_code) for a in info.value.attempts] == [("InvalidRequestError", 400)]
+    assert "InvalidRequestError" in str(info.value) and sandbox.hits() == 1
+
+
+@pytest.mark.parametrize("status", [408, 409])
+async def test_408_and_409_are_retried_on_the_same_candidate(sandbox: OpenAISandbox, status: int) -> None:
+    # RFC 9110 §15.5.9 / §15.5.10: a request timeout and a conflict are transient; the openai SDK retries
+    # both itself (PROVIDERS.md), and the router does it in its place (the SDK runs with max_retries=0).
+    sandbox.faults.push(Fault("invalid_request", status=status, message="try again"))
+    async with make_router(provider(sandbox), rng=lambda: 1.0) as router:
+        result = await router.agenerate("a cat")
+    assert [(a.error, a.status_code, a.retry) for a in result.attempts] == [("RateLimited", status, 0),
+                                                                           (None, None, 1)]
+    assert sandbox.hits() == 2
 
 
 async def test_moderation_refusal_is_a_content_policy_error(sandbox: OpenAISandbox, sandbox2: OpenAISandbox) -> None:
@@ -171,6 +199,7 @@ async def test_malformed_body_falls_back(sandbox: OpenAISandbox, sandbox2: OpenA
     async with make_router(provider(sandbox), provider(sandbox2, "openai-backup")) as router:
         result = await router.agenerate("a cat")
     assert result.attempts[0].error == "MalformedResponse" and result.provider == "openai-backup"
+    assert result.attempts[0].cost_usd == 0  # a truncated body has no usage: no bill can be read from it
 
 
 async def test_timeout_is_retried_within_the_deadline(sandbox: OpenAISandbox) -> None:

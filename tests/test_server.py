@@ -326,6 +326,37 @@ def test_bodies_over_the_limit_are_a_413_before_reading_them(sandbox: OpenAISand
         assert small.data
 
 
+def test_malformed_multipart_edits_are_a_400_naming_the_problem(served: Served, sandbox: OpenAISandbox) -> None:
+    url = f"{served.base_url}/images/edits"
+    auth = {"authorization": f"Bearer {served.keys['alice']}"}
+    image = ("in.png", png(64, 64), "image/png")
+
+    def post(**kw: Any) -> tuple[int, dict[str, Any]]:
+        answer = httpx.post(url, headers={**auth, **kw.pop("headers", {})}, **kw)
+        return answer.status_code, answer.json()["error"]
+
+    status, error = post(data={"prompt": "x"}, files=[("image", image)] * 5)
+    assert status == 400 and "Too many files" in error["message"]
+    status, error = post(data={"prompt": "x"}, files={"image": image, "other": image})
+    assert status == 400 and error["param"] == "other" and error["code"] == "unknown_parameter"
+    status, error = post(data={"prompt": "x"}, files=[("image", image), ("image[]", image)])
+    assert status == 400 and "one 'image' file" in error["message"]
+    status, error = post(data={"prompt": "x", "image": "not a file"}, files={"mask": image})
+    assert status == 400 and error["param"] == "image" and error["code"] == "invalid_type"
+    status, error = post(data={"prompt": "x"}, files={"mask": image})
+    assert status == 400 and error["code"] == "missing_required_parameter"
+    status, error = post(data={"prompt": "x"})  # a urlencoded form
+    assert status == 400 and "multipart/form-data" in error["message"]
+    status, error = post(data={"prompt": "x" * (1024 * 1024 + 1)}, files={"image": image})
+    assert status == 400 and "maximum size" in error["message"]
+    status, error = post(content=b"--b\r\nno headers here", headers={"content-type": "multipart/form-data"})
+    assert status == 400 and "boundary" in error["message"]
+    status, error = post(content=b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+                         headers={"content-type": "multipart/form-data; boundary=b"})
+    assert status == 400 and '"name" must be provided' in error["message"]
+    assert sandbox.hits() == 0 and served.providers[0].seen == []
+
+
 # --- the other endpoints -----------------------------------------------------------------------
 
 

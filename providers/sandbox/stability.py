@@ -21,6 +21,12 @@ image-to-image, inpaint and control keep the input's size; fast upscale makes 4x
 conservative and creative about 4 MP at the input's ratio. Seeds 0 or absent are drawn
 at random and echoed. Images are Pillow art hashed from (prompt, seed): inpaint keeps
 the input where the mask is black, so tests can check mask polarity.
+
+Billing: Stability's answers carry no billing, so the sandbox keeps the account's side.
+Every 200 image answer (a content-filtered one and a ``malformed`` fault's too: the work
+was done) adds its route's credits (:data:`CREDITS`, $0.01 each) × ``bill_multiplier`` to
+``billed_usd``; a creative upscale is billed once, when its result is first delivered.
+Error answers bill nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import secrets
 import threading
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from PIL import Image, ImageFilter
@@ -61,6 +68,17 @@ STYLE_PRESETS = ("3d-model", "analog-film", "anime", "cinematic", "comic-book", 
                  "photographic", "pixel-art", "tile-texture")
 _FORMATS = ("png", "jpeg", "webp")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+USD_PER_CREDIT = Decimal("0.01")
+# Credits per image answer, by route (sd3 by its ``model`` field). PROVIDERS.md (Stability credits table):
+# ultra 8, core 3, sd3.5-large 6.5, large-turbo 4, medium 3.5, flash 2.5, sketch / structure 3. Its edit and
+# upscale rates are unverified: the figures here are the shipped price table's estimates, not Stability's.
+CREDITS: dict[str, Decimal] = {
+    "generate/ultra": Decimal(8), "generate/core": Decimal(3),
+    "sd3.5-large": Decimal("6.5"), "sd3.5-large-turbo": Decimal(4), "sd3.5-medium": Decimal("3.5"),
+    "sd3.5-flash": Decimal("2.5"), "control/sketch": Decimal(3), "control/structure": Decimal(3),
+    "edit/inpaint": Decimal(5), "upscale/fast": Decimal(2), "upscale/conservative": Decimal(40),
+    "upscale/creative": Decimal(60),
+}
 
 
 class ApiError(SandboxError):
@@ -189,7 +207,9 @@ class StabilitySandbox(SandboxServer):
 
     ``faults`` also serves ``Fault("content_filtered")``: a normal answer flagged
     ``finish-reason: CONTENT_FILTERED`` with a blurred image. ``job_polls`` sets how many
-    result polls answer 202 before a creative upscale is done.
+    result polls answer 202 before a creative upscale is done. ``billed_usd`` is what the
+    account was billed so far; ``bill_multiplier`` makes it bill more (or less) than the
+    public rates, as a vendor changing its prices would.
     """
 
     base_path = ""
@@ -200,8 +220,20 @@ class StabilitySandbox(SandboxServer):
         super().__init__()
         self.api_key = api_key
         self.job_polls = job_polls
-        self._jobs: dict[str, tuple[Response, int]] = {}
+        self.bill_multiplier = Decimal(1)
+        self._billed = Decimal(0)
+        self._jobs: dict[str, tuple[Response, int, Decimal]] = {}
         self._jobs_lock = threading.Lock()
+
+    @property
+    def billed_usd(self) -> Decimal:
+        """What the account has been billed: credits × $0.01 × ``bill_multiplier`` per 200 image answer."""
+        with self._jobs_lock:
+            return self._billed
+
+    def _bill(self, credits: Decimal) -> None:
+        with self._jobs_lock:
+            self._billed += credits * USD_PER_CREDIT * self.bill_multiplier
 
     def expire_jobs(self) -> None:
         """Forget every async job, as after 24 h: their result polls answer 404."""
@@ -234,6 +266,7 @@ class StabilitySandbox(SandboxServer):
                             "moderation system.").response()
         if fault.kind == "malformed":
             body = fault.body if fault.body is not None else b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00"
+            self._bill(_credits(request))  # a 200 image answer: the generation ran and is billed
             return Response(200, body, {"content-type": "image/png", "finish-reason": "SUCCESS", "seed": "1"})
         if fault.kind == "insufficient_credits":
             return ApiError(402, "payment_required", "You lack sufficient credits to make this request.").response()
@@ -308,11 +341,13 @@ class StabilitySandbox(SandboxServer):
         if filtered:
             out = out.filter(ImageFilter.GaussianBlur(24))
         answer = _answer(encode(out.convert("RGB"), fmt), fmt, seed, filtered, accept)
+        credits = CREDITS[str(values.get("model", "sd3.5-large")) if route == "generate/sd3" else route]
         if route == "upscale/creative":
             job_id = secrets.token_hex(32)
             with self._jobs_lock:
-                self._jobs[job_id] = (answer, self.job_polls)
+                self._jobs[job_id] = (answer, self.job_polls, credits)
             return Response.json(200, {"id": job_id})
+        self._bill(credits)
         return answer
 
     def _result(self, job_id: str) -> Response:
@@ -320,11 +355,21 @@ class StabilitySandbox(SandboxServer):
             job = self._jobs.get(job_id)
             if job is None:
                 raise ApiError(404, "not_found", f"id: no generation with id {job_id} (results expire after 24h)")
-            answer, left = job
+            answer, left, credits = job
             if left > 0:
-                self._jobs[job_id] = (answer, left - 1)
+                self._jobs[job_id] = (answer, left - 1, credits)
                 return Response.json(202, {"id": job_id, "status": "in-progress"})
+            self._jobs[job_id] = (answer, 0, Decimal(0))  # billed once, however often it is fetched
+        self._bill(credits)
         return answer
+
+
+def _credits(request: Request) -> Decimal:
+    """The credits of the route ``request`` asked for (0 for anything that is not an image route)."""
+    route = request.path.removeprefix(_PREFIX)
+    if route == "generate/sd3":
+        return CREDITS.get(request.form.get("model", "sd3.5-large"), Decimal(0))
+    return CREDITS.get(route, Decimal(0))
 
 
 def _answer(data: bytes, fmt: str, seed: int, filtered: bool, accept: str) -> Response:
