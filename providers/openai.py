@@ -13,7 +13,6 @@ dropped with a warning, and when none is left the error carries that bill
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib
 import math
@@ -38,13 +37,12 @@ from router.errors import (
 from router.geometry import SizeRules, plan_size
 from router.images import (
     ImageDecodeError,
-    adecode,
+    ab64decode,
     amask_png,
-    b64decode,
     image_size,
     load_bytes,
     mask_to_alpha_repaint,
-    sniff_mime,
+    probe_whole,
 )
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest
@@ -244,15 +242,16 @@ class OpenAIProvider(Provider):
         images: list[GeneratedImage] = []
         problems: list[str] = []
         for item in items:
-            try:  # off the event loop: a 4K image takes a while to convert and decode
-                data = await asyncio.to_thread(b64decode, getattr(item, "b64_json", None) or "", what="b64_json")
-                with await adecode(data, what="response image") as img:
-                    width, height = img.size
+            try:
+                text = getattr(item, "b64_json", None) or ""
+                data = await ab64decode(text, what="b64_json")
+                # checked by its header and its end (format, caps, not truncated), not decoded: decoding
+                # would double the CPU every answer costs, and whoever uses the pixels decodes them anyway
+                mime, width, height = probe_whole(data, what="response image")
             except (TypeError, ValueError, ImageDecodeError) as exc:
                 problems.append(type(exc).__name__)
                 continue
-            images.append(GeneratedImage(data=data, mime=sniff_mime(data) or _MIME.get(fmt, "image/png"),
-                                         width=width, height=height))
+            images.append(GeneratedImage(data=data, mime=mime, width=width, height=height))
         if not images:
             what = f"response images unreadable ({', '.join(sorted(set(problems)))})" if problems else \
                 "response held no images"

@@ -38,12 +38,12 @@ from router.errors import (
 from router.geometry import SizePlan, SizeRules
 from router.images import (
     ImageDecodeError,
-    adecode,
+    ab64decode,
     amask_png,
-    b64decode,
     image_size,
     load_bytes,
     mask_to_white_repaint,
+    probe_whole,
 )
 from router.prices import PriceTable
 from router.request import ImageRequest
@@ -76,7 +76,6 @@ _FREE = SizeRules(multiple=1, min_side=64, max_side=16384, min_pixels=4096, max_
 _QUALITY = {"stable-image-ultra": 0.9, "sd3.5-large": 0.85, "stable-image-core": 0.75, "sd3.5-large-turbo": 0.75,
             "sd3.5-medium": 0.7, "sd3.5-flash": 0.6}
 _ALL_FORMATS = frozenset({"png", "jpeg", "webp"})
-_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _OPTIONS = frozenset({"style_preset", "grow_mask", "creativity"})
 _OPTION_MODELS = {"style_preset": frozenset(MODELS) - {UPSCALE_MODELS[0]}, "grow_mask": frozenset({INPAINT_MODEL}),
                   "creativity": frozenset(UPSCALE_MODELS[1:])}
@@ -363,14 +362,12 @@ class StabilityProvider(Provider):
         try:
             if response.headers.get("content-type", "").startswith("application/json"):
                 body = self._json(response)
-                data = await asyncio.to_thread(b64decode, body["image"], what="image")
+                data = await ab64decode(body["image"], what="image")
                 reason, seed = body.get("finish_reason"), body.get("seed")
             else:
                 reason, seed = response.headers.get("finish-reason"), response.headers.get("seed")
-            # every pixel decoded (off the event loop), under the pixel cap before any size is trusted
-            with await adecode(data, what="response image") as img:
-                width, height = img.size
-            mime = _sniff(data)
+            # the header (format, pixel cap) and the end (not truncated) checked; the pixels are not decoded
+            mime, width, height = probe_whole(data, what="response image")
         except (KeyError, TypeError, ValueError, ImageDecodeError) as exc:
             raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
                                     status_code=response.status_code) from None
@@ -392,15 +389,6 @@ def _upscaled(model: str, w: int, h: int) -> tuple[int, int]:
         return w * 4, h * 4
     scale = (4 * 1024 * 1024 / (w * h)) ** 0.5
     return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def _sniff(data: bytes) -> str:
-    from router.images import sniff_mime
-
-    mime = sniff_mime(data)
-    if mime is None:
-        raise ValueError("not png, jpeg or webp")
-    return mime
 
 
 def _checked(response: httpx.Response, provider: str) -> httpx.Response:

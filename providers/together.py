@@ -35,7 +35,7 @@ from router.errors import (
     MalformedResponse,
 )
 from router.geometry import SizeRules, plan_size
-from router.images import ImageDecodeError, adata_url, adecode, b64decode, sniff_mime
+from router.images import ImageDecodeError, ab64decode, adata_url, probe_whole
 from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -267,19 +267,17 @@ class TogetherProvider(Provider):
         """One output item as an image: base64 decoded, or its URL downloaded."""
         b64, url = getattr(item, "b64_json", None), getattr(item, "url", None)
         try:
-            if b64 is not None:  # off the event loop, as the decoding below
-                data = await asyncio.to_thread(b64decode, b64, what="b64_json")
+            if b64 is not None:
+                data = await ab64decode(b64, what="b64_json")
             elif isinstance(url, str) and url:
                 data = await self._download(url, deadline)
             else:
                 raise ValueError("an item with neither b64_json nor url")
-            with await adecode(data, what="response image") as img:
-                width, height = img.size
+            mime, width, height = probe_whole(data, what="response image")  # header and end, not the pixels
         except (TypeError, ValueError, ImageDecodeError) as exc:
             raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
                                     status_code=200, request_id=request_id) from None
-        return GeneratedImage(data=data, mime=sniff_mime(data) or _MIME[params["output_format"]], width=width,
-                              height=height, seed=params.get("seed"))
+        return GeneratedImage(data=data, mime=mime, width=width, height=height, seed=params.get("seed"))
 
     async def _download(self, url: str, deadline: float) -> bytes:
         """The output at ``url`` (already billed): downloaded again after a failure, never re-generated."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 
 from router.errors import InvalidRequestError, ProviderUnavailable
-from router.images import MAX_IMAGE_BYTES, decode
+from router.images import MAX_IMAGE_BYTES, probe_whole
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -101,7 +101,7 @@ class SafeFetcher:
                 data = await self._fetch(url)
         except TimeoutError:
             raise ProviderUnavailable(f"image download took over {self.timeout_s:.0f}s") from None
-        await asyncio.to_thread(decode, data, what="downloaded image")  # verified off the event loop
+        probe_whole(data, what="downloaded image")  # an image of an allowed format, under the caps, whole
         return data
 
     async def _fetch(self, url: str) -> bytes:

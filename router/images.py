@@ -80,6 +80,21 @@ def probe(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
         return ALLOWED_FORMATS[img.format or ""], w, h
 
 
+def probe_whole(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
+    """:func:`probe`, and the file ends as its format says (PNG's IEND chunk, JPEG's EOI marker, WEBP's RIFF
+    length): a truncated answer is caught in microseconds, without decoding the pixels."""
+    mime, w, h = probe(data, what=what)
+    if mime == "image/png":
+        whole = data.endswith(b"IEND\xaeB`\x82")
+    elif mime == "image/jpeg":
+        whole = data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    else:
+        whole = len(data) >= 8 + int.from_bytes(data[4:8], "little")
+    if not whole:
+        raise ImageDecodeError(f"{what}: the file is truncated")
+    return mime, w, h
+
+
 def decode(data: bytes, *, what: str = "image") -> PILImage.Image:
     """Decode bytes into a loaded PIL image under the format, byte and pixel caps.
 
@@ -365,6 +380,16 @@ async def amask_png(mask: ImageInput, size: tuple[int, int],
     :func:`mask_to_alpha_repaint`, at the image's ``size``), decoded, converted and encoded in a worker thread."""
     data = await load_bytes(mask, fetcher=fetcher)
     return await asyncio.to_thread(lambda: encode(convert(decode(data, what="mask_image"), size), "png"))
+
+
+_INLINE_B64 = 256 * 1024  # base64 characters decoded on the event loop (well under a millisecond)
+
+
+async def ab64decode(text: str | bytes, *, what: str = "image") -> bytes:
+    """:func:`b64decode` from async code: inline when small, else in a worker thread."""
+    if len(text) <= _INLINE_B64:
+        return b64decode(text, what=what)
+    return await asyncio.to_thread(b64decode, text, what=what)
 
 
 async def ab64(data: bytes) -> str:

@@ -167,7 +167,7 @@ class AsyncRouter:
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
         self._apply_budgets(pol)
-        return self._decide(req, pol, self.ledger.headroom(req.tags))
+        return self._decide(req, pol, self.ledger.headroom(req.tags), self.candidates(req, pol))
 
     def _engine(self, policy: Policy) -> PolicyEngine:
         engine = self._engines.get(policy.name)
@@ -196,13 +196,14 @@ class AsyncRouter:
                 ))
         return out
 
-    def _decide(self, request: ImageRequest, policy: Policy, headroom: Decimal | None) -> RoutingDecision:
+    def _decide(self, request: ImageRequest, policy: Policy, headroom: Decimal | None,
+                candidates: list[CandidateInfo]) -> RoutingDecision:
         empty = tuple(
             Rejection(p.name, "-", "not-configured", p.configuration_problem() or "offers no model")
             for p in self.providers.values() if not p.models()
         )
         context = RoutingContext(headroom, empty)
-        return self._engine(policy).decide(request, self.candidates(request, policy), context)
+        return self._engine(policy).decide(request, candidates, context)
 
     # --- generation ------------------------------------------------------------------
 
@@ -228,7 +229,9 @@ class AsyncRouter:
         with self._tracing.request(req, pol.name, request_id) as span:
             walk = _Walk(self, req, pol, request_id, deadline, span)
             try:
-                decision = self._decide(req, pol, await self._ledger.run(self.ledger.headroom, req.tags))
+                headroom = self._ledger.start(self.ledger.headroom, req.tags)  # read while the candidates are built
+                candidates = self.candidates(req, pol)
+                decision = self._decide(req, pol, await headroom, candidates)
                 routed = self._clock()
                 self._tracing.routed(span, len(decision.chain))
                 if not decision.chain:
@@ -304,9 +307,19 @@ class _LedgerCalls:
         self._pool = None if ledger.private else ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await self.start(fn, *args, **kw)
+
+    def start(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
+        """``fn`` started now; its result awaited later (so other work can overlap the thread hop)."""
+        loop = asyncio.get_running_loop()
         if self._pool is None:
-            return fn(*args, **kw)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+            done: asyncio.Future[T] = loop.create_future()
+            try:
+                done.set_result(fn(*args, **kw))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        return loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     async def reserve(self, **kw: Any) -> Reservation:
         """A reservation; if the caller is cancelled while it is being made, it is released once made."""
