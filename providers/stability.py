@@ -79,10 +79,24 @@ _ALL_FORMATS = frozenset({"png", "jpeg", "webp"})
 _OPTIONS = frozenset({"style_preset", "grow_mask", "creativity"})
 _OPTION_MODELS = {"style_preset": frozenset(MODELS) - {UPSCALE_MODELS[0]}, "grow_mask": frozenset({INPAINT_MODEL}),
                   "creativity": frozenset(UPSCALE_MODELS[1:])}
-# Control kinds: scribble-like inputs go to /control/sketch, the rest to /control/structure.
+# Control kinds: line drawings go to /control/sketch, the rest to /control/structure. Stability has no
+# ControlNet per kind: sketch "translates hand-drawn sketches" and structure keeps "the structure of a
+# reference image" (it reads the layout from the image itself). Only a scribble or a line drawing is what
+# its endpoint means; every other kind is an approximation, and plan() says so.
 _SKETCH = frozenset({"scribble", "lineart", "lineart_anime", "softedge"})
 _STRUCTURE = frozenset({"canny", "depth", "mlsd", "seg", "normal"})
-_APPROXIMATE = frozenset({"lineart_anime", "softedge", "mlsd", "seg", "normal"})
+_NATIVE = frozenset({"scribble", "lineart"})
+_ENDPOINT_MEANS = {"sketch": "reads the image as a hand-drawn sketch",
+                   "structure": "keeps the layout of the image it is given as a reference"}
+
+
+def _control_endpoint(kind: str) -> tuple[str, str | None]:
+    """The control endpoint a ControlNet kind goes to, and the warning when that only approximates it."""
+    endpoint = "sketch" if kind in _SKETCH else "structure"
+    if kind in _NATIVE:
+        return endpoint, None
+    return endpoint, (f"control {kind} approximated by Stability's {endpoint} control, which "
+                      f"{_ENDPOINT_MEANS[endpoint]}; it is not a {kind} ControlNet")
 
 
 def _caps(model: str) -> Capabilities:
@@ -167,9 +181,9 @@ class StabilityProvider(Provider):
             warnings.append(f"guidance_scale {request.guidance_scale} clamped to Stability's cfg_scale range 1..10")
         if request.controls and model == CONTROL_MODEL:
             control = request.controls[0]
-            endpoint = "sketch" if control.kind in _SKETCH else "structure"
-            if control.kind in _APPROXIMATE:
-                warnings.append(f"control {control.kind} approximated by Stability's {endpoint} control")
+            _, approximation = _control_endpoint(control.kind)
+            if approximation:
+                warnings.append(approximation)
             if control.scale > 1.0:
                 warnings.append(f"control scale {control.scale} clamped to Stability's control_strength maximum 1")
             if control.start != 0.0 or control.end != 1.0:
@@ -295,7 +309,7 @@ class StabilityProvider(Provider):
             data = await load_bytes(control.image, fetcher=self._fetcher)
             files["image"] = ("control.png", data, control.image.mime or "image/png")
             fields["control_strength"] = f"{min(1.0, control.scale):g}"
-            endpoint = "sketch" if control.kind in _SKETCH else "structure"
+            endpoint, _ = _control_endpoint(control.kind)
             return f"/v2beta/stable-image/control/{endpoint}", fields, files
         files["image"] = await self._image_part(request)
         if model != UPSCALE_MODELS[0] and "creativity" in options:

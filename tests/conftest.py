@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 if TYPE_CHECKING:
-    from providers.sandbox import OpenAISandbox
+    from providers.sandbox import OpenAISandbox, StabilitySandbox
 
 
 def png(width: int = 64, height: int = 64, color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
@@ -54,6 +54,23 @@ def sandbox2() -> Iterator[OpenAISandbox]:
 
     with OpenAISandbox(api_key="sk-sandbox-backup") as sb:
         yield sb
+
+
+@pytest.fixture
+def sb() -> Iterator[StabilitySandbox]:
+    """A Stability sandbox (``sb2``: a second one, for fallback chains)."""
+    from providers.sandbox import StabilitySandbox
+
+    with StabilitySandbox(api_key="sk-stab-primary") as server:
+        yield server
+
+
+@pytest.fixture
+def sb2() -> Iterator[StabilitySandbox]:
+    from providers.sandbox import StabilitySandbox
+
+    with StabilitySandbox(api_key="sk-stab-backup") as server:
+        yield server
 
 
 # --- tiny local Diffusers models, written once per session and loaded back from disk ---------

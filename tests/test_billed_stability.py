@@ -7,43 +7,17 @@ sandbox keeps the account's side (``billed_usd``), so the ledger can be held aga
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 
 from providers.sandbox import Fault, StabilitySandbox
-from providers.stability import StabilityProvider
-from router import AllProvidersFailed, AsyncRouter, ImageRequest, InvalidRequestError, MalformedResponse
-from router.fetch import SafeFetcher
+from router import AllProvidersFailed, ImageRequest, InvalidRequestError, MalformedResponse
 from router.ledger import Ledger
-from tests.conftest import Sleeps, half_mask, png
+from tests.conftest import half_mask, png
+from tests.test_stability import make_router, provider
 
 CORE = Decimal("0.03")  # stable-image-core: 3 credits at $0.01 (PROVIDERS.md)
-
-
-@pytest.fixture
-def sb() -> Iterator[StabilitySandbox]:
-    with StabilitySandbox(api_key="sk-stab-primary") as server:
-        yield server
-
-
-@pytest.fixture
-def sb2() -> Iterator[StabilitySandbox]:
-    with StabilitySandbox(api_key="sk-stab-backup") as server:
-        yield server
-
-
-def provider(server: StabilitySandbox, *models: str, name: str = "stability") -> StabilityProvider:
-    return StabilityProvider(name=name, api_key=server.api_key, base_url=server.base_url,
-                             models=models or ("stable-image-core",), fetcher=SafeFetcher(allow_loopback=True),
-                             poll_interval_s=0.01)
-
-
-def make_router(*providers: StabilityProvider, **kw: object) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
 
 
 async def test_a_fan_out_with_one_failed_call_returns_the_other_images_billed_for_them(sb: StabilitySandbox) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 
 import httpx
@@ -26,18 +26,6 @@ from router.fetch import SafeFetcher
 from tests.conftest import Sleeps, half_mask, png
 
 GEN = "/v2beta/stable-image/generate"
-
-
-@pytest.fixture
-def sb() -> Iterator[StabilitySandbox]:
-    with StabilitySandbox(api_key="sk-stab-primary") as server:
-        yield server
-
-
-@pytest.fixture
-def sb2() -> Iterator[StabilitySandbox]:
-    with StabilitySandbox(api_key="sk-stab-backup") as server:
-        yield server
 
 
 def provider(server: StabilitySandbox, *models: str, name: str = "stability") -> StabilityProvider:
@@ -169,8 +157,8 @@ async def test_inpaint_sends_a_white_repaint_mask_at_the_image_size(sb: Stabilit
 
 
 @pytest.mark.parametrize(("kind", "endpoint", "approximate"), [
-    ("scribble", "sketch", False), ("lineart", "sketch", False), ("depth", "structure", False),
-    ("canny", "structure", False), ("softedge", "sketch", True), ("seg", "structure", True),
+    ("scribble", "sketch", False), ("lineart", "sketch", False), ("depth", "structure", True),
+    ("canny", "structure", True), ("softedge", "sketch", True), ("seg", "structure", True),
 ])
 async def test_controls_map_to_sketch_or_structure(sb: StabilitySandbox, kind: str, endpoint: str,
                                                    approximate: bool) -> None:
