@@ -1,28 +1,32 @@
-"""The policy engine: filter candidates with recorded reasons, score the rest, order a chain.
+"""The policy engine: filter candidates with recorded reasons, rank the rest, cut the chain.
 
 Score terms, each in [0, 1] before its weight:
 
-- ``cost``: ``1 - cost per image / policy.cost_scale_usd`` (floored at 0), so a free
-  backend scores 1 and one at the scale or above scores 0;
-- ``latency``: ``1 - expected latency / policy.latency_scale_s`` (observed p50 where
-  known, else the provider's prior), floored at 0;
-- ``fit``: 1 when the model's quality reaches the prompt's complexity score, minus
-  ``FIT_PENALTY`` × the shortfall;
+- ``cost``: 1 for the cheapest of the candidates compared (the accepted ones), 0 for the dearest,
+  linear between (min–max over total estimated cost; 1 for all when they cost the same);
+- ``latency``: the same over expected latency (observed p50 where known, else the provider's prior);
+- ``fit``: how well the model suits the prompt's complexity (:func:`fit_term`, replaceable per engine);
 - ``quality``: the model's quality tier itself;
 - ``preference``: +1 for a provider the policy (or a matching rule) prefers, -1 to avoid.
 
-The chain is ordered by the policy's ``fallback_order`` first (when it names the
-provider), then by score, then by registration order and name.
+Order: the policy's ``fallback_order`` first (when it names the provider), then by the policy's
+``order``: ``score`` (the weighted sum, highest first); ``cost`` (preferred before neutral before
+avoided, then total estimated cost ascending, then quality); ``latency`` (the same tiers, then expected
+latency ascending, then cost, then quality). Ties break by registration order, provider and model.
+Every accepted candidate is ranked; the chain the router tries is the first ``max_chain`` of them.
 
-``PolicyEngine.decide`` is a pure function of the request, the candidates' facts and
-the routing context: no I/O, deterministic, microseconds per candidate.
+``PolicyEngine.decide`` is a pure function of the request, the candidates' facts and the routing
+context: no I/O, deterministic. Rejected candidates' terms, and the ranked candidates beyond the chain,
+are built only when read (``explain()``, ``to_dict()``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
+from typing import Any
 
 from policies.complexity import PromptComplexity, score_prompt
 from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
@@ -32,14 +36,28 @@ from router.request import QUALITY_FLOORS, ImageRequest
 FIT_PENALTY = 3.0
 """Each 0.1 of model quality below the prompt's complexity costs 0.3 of the fit term."""
 
+FitFunction = Callable[[CandidateInfo, PromptComplexity], float]
+"""The ``fit`` term before its weight: how well a candidate suits a prompt, in [0, 1]."""
+
+
+def fit_term(cand: CandidateInfo, complexity: PromptComplexity) -> float:
+    """1 when the model's quality reaches the prompt's complexity score, minus ``FIT_PENALTY`` × the shortfall."""
+    shortfall = complexity.score - cand.quality
+    return 1.0 if shortfall <= 0 else max(0.0, 1.0 - FIT_PENALTY * shortfall)
+
 
 @dataclass(frozen=True, slots=True)
 class RoutingContext:
-    """What the router knows beyond the request: budget headroom for the request's tags, and
-    providers that offer no model at all (reported as rejections so ``explain()`` lists them)."""
+    """What the router knows beyond the request: budget headroom for the request's tags, providers
+    that offer no model at all (reported as rejections so ``explain()`` lists them), and whether this
+    is a dry run that ranks providers without keys as if they were configured (``assume_configured``)."""
 
     budget_headroom_usd: Decimal | None = None
     unavailable: tuple[Rejection, ...] = ()
+    assume_configured: bool = False
+
+
+_NO_CONTEXT = RoutingContext()
 
 
 @dataclass(slots=True)
@@ -47,19 +65,88 @@ class _Effective:
     """The policy after the rules that match this request."""
 
     weights: Weights
-    prefer: set[str]
-    avoid: set[str]
+    prefer: frozenset[str]
+    avoid: frozenset[str]
     residency: frozenset[str] | None
     quality_floor: float | None
     max_cost_usd: Decimal | None
     applied: list[str] = field(default_factory=list)
 
 
-class PolicyEngine:
-    """Decides where a request goes under one policy."""
+class _Scoring:
+    """One decision's scale: the terms of any candidate against the candidates compared."""
 
-    def __init__(self, policy: Policy) -> None:
+    __slots__ = ("avoid", "cmin", "complexity", "cspan", "fit", "lmin", "lspan", "max_chain", "prefer", "w")
+
+    def __init__(self, eff: _Effective, complexity: PromptComplexity, fit: FitFunction,
+                 compared: Sequence[CandidateInfo], max_chain: int) -> None:
+        self.w = eff.weights
+        self.complexity = complexity
+        self.fit = fit
+        self.prefer = eff.prefer
+        self.avoid = eff.avoid
+        self.max_chain = max_chain
+        costs = [c.cost for c in compared] or [0.0]
+        lats = [c.latency_s for c in compared] or [0.0]
+        self.cmin, self.lmin = min(costs), min(lats)
+        self.cspan, self.lspan = max(costs) - self.cmin, max(lats) - self.lmin
+
+    def preference(self, cand: CandidateInfo) -> int:
+        names = cand.names
+        return (not self.prefer.isdisjoint(names)) - (not self.avoid.isdisjoint(names))
+
+    def terms(self, cand: CandidateInfo) -> dict[str, float]:
+        """Each weighted term (a rejected candidate outside the compared range is clamped to [0, 1])."""
+        w, cspan, lspan = self.w, self.cspan, self.lspan
+        ct = 1.0 if cspan <= 0 else min(1.0, max(0.0, 1.0 - (cand.cost - self.cmin) / cspan))
+        lt = 1.0 if lspan <= 0 else min(1.0, max(0.0, 1.0 - (cand.latency_s - self.lmin) / lspan))
+        return {
+            "cost": w.cost * ct,
+            "latency": w.latency * lt,
+            "fit": w.fit * self.fit(cand, self.complexity),
+            "quality": w.quality * cand.quality,
+            "preference": w.preference * (self.preference(cand) if self.prefer or self.avoid else 0),
+        }
+
+    def scores(self, accepted: Sequence[CandidateInfo]) -> list[float]:
+        """The weighted sum of each accepted candidate's terms (the same arithmetic as :meth:`terms`, inlined:
+        accepted candidates lie within the scale, so no clamping)."""
+        w = self.w
+        wc, wl, wf, wq, wp = w.cost, w.latency, w.fit, w.quality, w.preference
+        cmin, cspan, lmin, lspan = self.cmin, self.cspan, self.lmin, self.lspan
+        fit, complexity = self.fit, self.complexity
+        if self.prefer or self.avoid:
+            preference = self.preference
+            return [wc * (1.0 if cspan <= 0 else 1.0 - (c.cost - cmin) / cspan)
+                    + wl * (1.0 if lspan <= 0 else 1.0 - (c.latency_s - lmin) / lspan)
+                    + wf * fit(c, complexity) + wq * c.quality + wp * preference(c) for c in accepted]
+        # without preferences the term is 0.0 for all, and x + 0.0 == x: left out
+        return [wc * (1.0 if cspan <= 0 else 1.0 - (c.cost - cmin) / cspan)
+                + wl * (1.0 if lspan <= 0 else 1.0 - (c.latency_s - lmin) / lspan)
+                + wf * fit(c, complexity) + wq * c.quality for c in accepted]
+
+    def ranked(self, cand: CandidateInfo) -> RankedCandidate:
+        terms = self.terms(cand)
+        return RankedCandidate(  # positional: this runs for every candidate in the chain
+            cand.provider, cand.model, sum(terms.values()), terms, cand.estimate,
+            "prior" if cand.observed_latency_s is None else "observed", cand.plan.warnings,
+            cand.configuration_problem, cand.latency_s,
+        )
+
+    def rest(self, order: list[CandidateInfo]) -> list[RankedCandidate]:
+        return [self.ranked(c) for c in order[self.max_chain:]]
+
+
+class PolicyEngine:
+    """Decides where a request goes under one policy.
+
+    ``fit`` computes the fit term of a candidate for a prompt's complexity (default :func:`fit_term`).
+    """
+
+    def __init__(self, policy: Policy, *, fit: FitFunction = fit_term) -> None:
         self.policy = policy
+        self.fit = fit
+        self._explicit = {name: i for i, name in enumerate(policy.fallback_order)}
 
     def decide(
         self,
@@ -68,31 +155,43 @@ class PolicyEngine:
         context: RoutingContext | None = None,
         complexity: PromptComplexity | None = None,
     ) -> RoutingDecision:
-        context = context or RoutingContext()
+        context = context or _NO_CONTEXT
         complexity = complexity or score_prompt(request.prompt)
         eff = self._effective(request, complexity)
-        accepted: list[CandidateInfo] = []
-        rejections: list[Rejection] = []
-        for cand in candidates:
-            reasons = list(self._rejections(request, cand, eff, context))
-            if reasons:
-                code, reason = reasons[0]
-                terms = self._terms(cand, complexity, eff, request.n)
-                rejections.append(Rejection(cand.provider, cand.model, code, reason, terms, cand.estimate))
-            else:
-                accepted.append(cand)
+        task = request.task  # a property that works its answer out: read once
+        accepted, rejected = self._screen(request, task, candidates, eff, context)
+        pol = self.policy
+        scoring = _Scoring(eff, complexity, self.fit, accepted or [c for c, _ in rejected], pol.max_chain)
+        order = self._order(accepted, scoring) if accepted else []
+        configured = None
+        if context.assume_configured and any(c.configuration_problem for c in accepted):
+            configured = partial(self._configured_chain, [c for c in accepted if not c.configuration_problem],
+                                 eff, complexity)
+        terms = scoring.terms
+        rejections = [Rejection(c.provider, c.model, code, reason, c.estimate, c, terms)
+                      for c, (code, reason) in rejected]
         rejections.extend(context.unavailable)
-        ranked = self._rank(accepted, complexity, eff, request.n)
         return RoutingDecision(
-            policy=self.policy.name,
-            task=request.task,
+            policy=pol.name,
+            task=task,
             complexity=complexity,
-            chain=ranked[: self.policy.max_chain],
+            chain=[scoring.ranked(c) for c in order[: pol.max_chain]],
             rejections=rejections,
             rules_applied=eff.applied,
             quality_floor=eff.quality_floor,
             residency=eff.residency,
+            order=pol.order,
+            max_chain=pol.max_chain,
+            dry_run=context.assume_configured,
+            rest=partial(scoring.rest, order) if len(order) > pol.max_chain else None,
+            configured=configured,
         )
+
+    def _configured_chain(self, accepted: list[CandidateInfo], eff: _Effective,
+                          complexity: PromptComplexity) -> list[RankedCandidate]:
+        """The chain without the unconfigured candidates a dry run ranked: what ``generate()`` would walk."""
+        scoring = _Scoring(eff, complexity, self.fit, accepted, self.policy.max_chain)
+        return [scoring.ranked(c) for c in self._order(accepted, scoring)[: self.policy.max_chain]] if accepted else []
 
     # --- rules -----------------------------------------------------------------------
 
@@ -100,10 +199,9 @@ class PolicyEngine:
         pol = self.policy
         cons = request.constraints
         floor = QUALITY_FLOORS[cons.quality_floor] if cons.quality_floor else None
-        residency = _intersect(pol.residency, cons.residency)
         eff = _Effective(
-            weights=pol.weights, prefer=set(pol.prefer), avoid=set(), residency=residency,
-            quality_floor=floor, max_cost_usd=cons.max_cost_usd,
+            weights=pol.weights, prefer=frozenset(pol.prefer), avoid=frozenset(),
+            residency=_intersect(pol.residency, cons.residency), quality_floor=floor, max_cost_usd=cons.max_cost_usd,
         )
         for rule in pol.rules:
             if not _matches(rule, request, complexity):
@@ -111,8 +209,8 @@ class PolicyEngine:
             then = rule.then
             if then.quality_floor:
                 eff.quality_floor = max(eff.quality_floor or 0.0, QUALITY_FLOORS[then.quality_floor])
-            eff.prefer |= set(then.prefer)
-            eff.avoid |= set(then.avoid)
+            eff.prefer |= frozenset(then.prefer)
+            eff.avoid |= frozenset(then.avoid)
             eff.residency = _intersect(eff.residency, then.residency)
             if then.max_cost_usd is not None:
                 # a cap of 0 is a cap: only None means "no cap"
@@ -125,100 +223,120 @@ class PolicyEngine:
 
     # --- filters ---------------------------------------------------------------------
 
-    def _rejections(
-        self, request: ImageRequest, cand: CandidateInfo, eff: _Effective, context: RoutingContext
-    ) -> Iterator[tuple[str, str]]:
-        caps, cons = cand.capabilities, request.constraints
-        names = {cand.provider, cand.kind}
-        if request.provider and request.provider not in names:
-            yield "pinned", f"request pins provider {request.provider!r}"
-        if cons.allow_providers is not None and not names & cons.allow_providers:
-            yield "not-allowed", f"not in allow_providers ({', '.join(sorted(cons.allow_providers))})"
-        denied = names & (cons.deny_providers | self.policy.deny)
-        if denied:
-            by = "request" if denied & cons.deny_providers else "policy"
-            yield "denied", f"{', '.join(sorted(denied))} is denied by the {by}"
-        if cand.configuration_problem:
-            yield "not-configured", cand.configuration_problem
-        yield from _capability_gaps(request, cand)
-        if eff.residency is not None and not caps.regions & eff.residency:
-            yield "residency", (
-                f"serves regions {', '.join(sorted(caps.regions))}; the request allows only "
-                f"{', '.join(sorted(eff.residency))}"
-            )
-        if eff.quality_floor is not None and caps.quality < eff.quality_floor:
-            yield "quality-floor", f"quality {caps.quality:.2f} is below the floor {eff.quality_floor:.2f}"
-        cost = cand.estimate.worst_usd  # what the call can be billed at most, where the vendor bounds it
-        if eff.max_cost_usd is not None and cost > eff.max_cost_usd:
-            yield "cost-cap", f"estimated ${cost} is over max_cost_usd ${eff.max_cost_usd}"
-        latency = cand.observed_latency_s or cand.estimate.latency_s
-        if cons.max_latency_s is not None and latency > cons.max_latency_s:
-            yield "latency-cap", f"expected {latency:.1f}s is over max_latency_s {cons.max_latency_s}s"
-        if context.budget_headroom_usd is not None and cost > context.budget_headroom_usd:
-            yield "budget", f"estimated ${cost} is over the budget headroom ${context.budget_headroom_usd}"
-        if cand.circuit_open:
-            yield "circuit-open", "recent consecutive failures opened its circuit breaker; cooling down"
+    def _screen(
+        self, request: ImageRequest, task: str, candidates: Sequence[CandidateInfo], eff: _Effective,
+        context: RoutingContext,
+    ) -> tuple[list[CandidateInfo], list[tuple[CandidateInfo, tuple[str, str]]]]:
+        """Accepted candidates, and rejected ones with the first reason, in the order reasons are reported:
+        pinned, not-allowed, denied, not-configured, capability/size/strict, residency, quality-floor,
+        cost-cap, latency-cap, budget, circuit-open."""
+        cons = request.constraints
+        n = request.n
+        pinned = request.provider
+        allow = cons.allow_providers
+        deny = cons.deny_providers | self.policy.deny
+        residency, floor, cap = eff.residency, eff.quality_floor, eff.max_cost_usd
+        max_latency = cons.max_latency_s
+        headroom = context.budget_headroom_usd
+        assume_configured = context.assume_configured
+        rare = bool(request.controls or request.loras or request.size_mode == "exact" or cons.strict
+                    or task == "control")  # what only _capability_gap checks
+        accepted: list[CandidateInfo] = []
+        rejected: list[tuple[CandidateInfo, tuple[str, str]]] = []
+        why: tuple[str, str] | None
+        for cand in candidates:
+            caps = cand.capabilities
+            names = cand.names
+            if pinned and pinned not in names:
+                why = "pinned", f"request pins provider {pinned!r}"
+            elif allow is not None and allow.isdisjoint(names):
+                why = "not-allowed", f"not in allow_providers ({', '.join(sorted(allow))})"
+            elif deny and not deny.isdisjoint(names):
+                denied = names & deny
+                by = "request" if denied & cons.deny_providers else "policy"
+                why = "denied", f"{', '.join(sorted(denied))} is denied by the {by}"
+            elif cand.configuration_problem and not assume_configured:
+                why = "not-configured", cand.configuration_problem
+            elif rare and (gap := _capability_gap(request, task, cand)) is not None:
+                why = gap
+            elif task not in caps.tasks:
+                why = "capability", f"does not do {task}"
+            elif n > caps.max_n:
+                why = "capability", f"makes at most {caps.max_n} images per request, {n} asked"
+            elif residency is not None and residency.isdisjoint(caps.regions):
+                allowed = ", ".join(sorted(residency)) or "no region (the policy's and its residency do not overlap)"
+                serves = ", ".join(sorted(caps.regions))
+                why = "residency", f"serves regions {serves}; the request allows only {allowed}"
+            elif floor is not None and caps.quality < floor:
+                why = "quality-floor", f"quality {caps.quality:.2f} is below the floor {floor:.2f}"
+            elif cap is not None and cand.worst_usd > cap:  # the most the call can be billed, where bounded
+                why = "cost-cap", f"estimated ${cand.worst_usd} is over max_cost_usd ${cap}"
+            elif max_latency is not None and cand.latency_s > max_latency:
+                why = "latency-cap", f"expected {cand.latency_s:.1f}s is over max_latency_s {max_latency}s"
+            elif headroom is not None and cand.worst_usd > headroom:
+                why = "budget", f"estimated ${cand.worst_usd} is over the budget headroom ${headroom}"
+            elif cand.circuit_open:
+                why = "circuit-open", "recent consecutive failures opened its circuit breaker; cooling down"
+            else:
+                accepted.append(cand)
+                continue
+            rejected.append((cand, why))
+        return accepted, rejected
 
-    # --- scoring ---------------------------------------------------------------------
+    # --- ranking ---------------------------------------------------------------------
 
-    def _terms(self, cand: CandidateInfo, complexity: PromptComplexity, eff: _Effective, n: int) -> dict[str, float]:
-        w, pol = eff.weights, self.policy
-        q = cand.capabilities.quality
-        names = {cand.provider, cand.kind}
-        per_image = float(cand.estimate.cost_usd) / n
-        latency = cand.observed_latency_s or cand.estimate.latency_s
-        return {
-            "cost": w.cost * max(0.0, 1.0 - per_image / float(pol.cost_scale_usd)),
-            "latency": w.latency * max(0.0, 1.0 - latency / pol.latency_scale_s),
-            "fit": w.fit * max(0.0, 1.0 - FIT_PENALTY * max(0.0, complexity.score - q)),
-            "quality": w.quality * q,
-            "preference": w.preference * (bool(names & eff.prefer) - bool(names & eff.avoid)),
-        }
+    def _order(self, accepted: list[CandidateInfo], scoring: _Scoring) -> list[CandidateInfo]:
+        """Every accepted candidate in rank order."""
+        explicit = self._explicit
+        tail = len(explicit)
 
-    def _rank(
-        self, accepted: list[CandidateInfo], complexity: PromptComplexity, eff: _Effective, n: int
-    ) -> list[RankedCandidate]:
-        order = {name: i for i, name in enumerate(self.policy.fallback_order)}
-        scored = []
-        for cand in accepted:
-            terms = self._terms(cand, complexity, eff, n)
-            ranked = RankedCandidate(
-                provider=cand.provider, model=cand.model, score=sum(terms.values()), terms=terms,
-                estimate=cand.estimate,
-                latency_source="observed" if cand.observed_latency_s is not None else "prior",
-                warnings=cand.plan.warnings,
-            )
-            explicit = min((order[name] for name in (cand.provider, cand.kind) if name in order), default=len(order))
-            scored.append((explicit, -ranked.score, cand.position, cand.provider, cand.model, ranked))
-        scored.sort(key=lambda t: t[:5])
-        return [t[-1] for t in scored]
+        def first(c: CandidateInfo) -> int:
+            return min((explicit[name] for name in c.names if name in explicit), default=tail)
+
+        mode = self.policy.order
+        tiers = bool(scoring.prefer or scoring.avoid)
+        keys: list[tuple[Any, ...]]
+        if mode == "cost":
+            keys = [(first(c) if explicit else 0, -scoring.preference(c) if tiers else 0, c.cost, -c.quality,
+                     c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
+        elif mode == "latency":
+            keys = [(first(c) if explicit else 0, -scoring.preference(c) if tiers else 0, c.latency_s, c.cost,
+                     -c.quality, c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
+        elif explicit:
+            scores = scoring.scores(accepted)
+            keys = [(first(c), -scores[i], c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
+        else:
+            scores = scoring.scores(accepted)
+            keys = [(-scores[i], c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
+        keys.sort()
+        return [accepted[k[-1]] for k in keys]
 
 
-def _capability_gaps(request: ImageRequest, cand: CandidateInfo) -> Iterator[tuple[str, str]]:
+def _capability_gap(request: ImageRequest, task: str, cand: CandidateInfo) -> tuple[str, str] | None:
+    """The first thing ``cand``'s model cannot do that the request (of ``task``) asks for, or None."""
     caps = cand.capabilities
-    task = request.task
-    base_task = "inpaint" if request.mask_image is not None else "img2img" if request.init_image is not None else None
     if task not in caps.tasks:
-        yield "capability", f"does not do {task}"
-    elif task == "control" and base_task and base_task not in caps.tasks:
-        yield "capability", f"does not combine control with {base_task}"
+        return "capability", f"does not do {task}"
+    if task == "control":
+        base_task = ("inpaint" if request.mask_image is not None
+                     else "img2img" if request.init_image is not None else None)
+        if base_task and base_task not in caps.tasks:
+            return "capability", f"does not combine control with {base_task}"
     if request.controls:
-        kinds = {c.kind for c in request.controls}
-        missing = kinds - caps.control_kinds
+        missing = {c.kind for c in request.controls} - caps.control_kinds
         if missing:
-            yield "capability", f"no ControlNet for {', '.join(sorted(missing))}"
-        elif len(request.controls) > caps.max_controls:
-            yield "capability", f"takes at most {caps.max_controls} controls, the request has {len(request.controls)}"
+            return "capability", f"no ControlNet for {', '.join(sorted(missing))}"
+        if len(request.controls) > caps.max_controls:
+            return "capability", f"takes at most {caps.max_controls} controls, the request has {len(request.controls)}"
     if request.loras and len(request.loras) > caps.max_loras:
-        yield "capability", (
-            "takes no LoRA" if not caps.max_loras else f"takes at most {caps.max_loras} LoRAs"
-        )
+        return "capability", "takes no LoRA" if not caps.max_loras else f"takes at most {caps.max_loras} LoRAs"
     if request.n > caps.max_n:
-        yield "capability", f"makes at most {caps.max_n} images per request, {request.n} asked"
+        return "capability", f"makes at most {caps.max_n} images per request, {request.n} asked"
     if request.size_mode == "exact" and not cand.plan.size.exact:
-        yield "size", f"cannot make the exact size asked ({cand.plan.size.warning})"
+        return "size", f"cannot make the exact size asked ({cand.plan.size.warning})"
     if request.constraints.strict and cand.plan.warnings:
-        yield "strict", "would adapt the request: " + "; ".join(cand.plan.warnings)
+        return "strict", "would adapt the request: " + "; ".join(cand.plan.warnings)
+    return None
 
 
 def _matches(rule: Rule, request: ImageRequest, complexity: PromptComplexity) -> bool:

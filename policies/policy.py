@@ -11,6 +11,7 @@ A policy file is YAML or TOML with the same fields as :class:`Policy`::
       - when: {has_controls: true}
         then: {prefer: [local]}
     fallback_order: [openai, local]
+    order: score                 # or cost (cheapest first) / latency (fastest first)
     budgets:
       - {limit_usd: 25, period: month}
       - {limit_usd: 5, period: day, tag: team-a}
@@ -88,6 +89,9 @@ class BudgetRule(_Strict):
     tag: str | None = None
 
 
+Order = Literal["score", "cost", "latency"]
+
+
 class Policy(_Strict):
     """How the router chooses: weights, hard preferences, rules, order and budgets."""
 
@@ -98,9 +102,12 @@ class Policy(_Strict):
     residency: frozenset[str] | None = None
     rules: tuple[Rule, ...] = ()
     fallback_order: tuple[str, ...] = ()
-    cost_scale_usd: Decimal = Field(Decimal("0.05"), gt=0)  # per image: the cost term is 0 at this price
-    latency_scale_s: float = Field(30.0, gt=0)  # the latency term is 0 at this latency
+    order: Order = "score"
+    """How the accepted candidates are ordered (after ``fallback_order`` and ``prefer``/``avoid``):
+    ``score`` by the weighted terms, ``cost`` by total estimated cost ascending (then quality),
+    ``latency`` by expected latency ascending (then cost)."""
     max_chain: int = Field(4, ge=1)
+    """How many of the ranked candidates the router tries; the decision lists the rest as not tried."""
     max_retries: int = Field(2, ge=0, le=10)
     fallback_on_content_policy: bool = False
     budgets: tuple[BudgetRule, ...] = ()
@@ -108,8 +115,9 @@ class Policy(_Strict):
 
 
 PRESETS: dict[str, Policy] = {
-    "cheapest": Policy(name="cheapest", weights=Weights(cost=1.0, latency=0.1, fit=0.2, quality=0.0)),
-    "fastest": Policy(name="fastest", weights=Weights(cost=0.1, latency=1.0, fit=0.2, quality=0.0)),
+    # cheapest and fastest are orders, not scores: their weights only fill the terms explain() shows
+    "cheapest": Policy(name="cheapest", order="cost", weights=Weights(cost=1.0, latency=0.1, fit=0.2, quality=0.0)),
+    "fastest": Policy(name="fastest", order="latency", weights=Weights(cost=0.1, latency=1.0, fit=0.2, quality=0.0)),
     "balanced": Policy(name="balanced"),
     "quality": Policy(name="quality", weights=Weights(cost=0.05, latency=0.05, fit=0.5, quality=1.0)),
     "local-first": Policy(name="local-first", prefer=("local",)),

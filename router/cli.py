@@ -139,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-metadata", action="store_true", help="save without provenance metadata")
     gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="a progress bar for local generations (default: when stderr is a terminal)")
-    route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys)")
+    route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys: providers "
+                                         "without one are ranked as if configured, and marked)")
     _request_args(route)
     route.add_argument("--explain", action="store_true", help="print the ranking and every rejection")
+    route.add_argument("--configured-only", action="store_true",
+                       help="rank only the providers configured now (the decision generate would make)")
     prov = sub.add_parser("providers", help="list providers: configured or not, capabilities, regions")
     prov.add_argument("--json", action="store_true")
     led = sub.add_parser("ledger", help="spend by provider, tag or period, and budgets")
@@ -219,14 +222,19 @@ def _generate(ns: argparse.Namespace) -> int:
 
 def _route(ns: argparse.Namespace) -> int:
     with _router() as router:
-        decision = router.route(ns.prompt, policy=ns.policy, **_request_kwargs(ns))
+        decision = router.route(ns.prompt, policy=ns.policy, assume_configured=not ns.configured_only,
+                                **_request_kwargs(ns))
     if ns.json:
         print(decision.to_json())
     elif ns.explain:
         print(decision.explain())
     else:
         chosen = decision.chosen
-        print(f"{chosen.provider}/{chosen.model}" if chosen else "no route (use --explain to see why)")
+        if chosen is None:
+            print("no route (use --explain to see why)")
+        else:
+            problem = f"  [{chosen.configuration_problem}]" if chosen.configuration_problem else ""
+            print(f"{chosen.provider}/{chosen.model}{problem}")
     return 0 if decision.chain else dict(EXIT_CODES)[NoRouteError]
 
 

@@ -30,8 +30,9 @@ log = logging.getLogger("imagerouter")
 def providers_from_env(env: Mapping[str, str] | None = None) -> list[Provider]:
     """Every registered provider kind, constructed from the environment.
 
-    Providers without credentials are still registered: routing reports them as
-    not configured instead of hiding them.
+    Providers without credentials are still registered: ``generate`` rejects them as
+    not configured (saying what to set) instead of hiding them, and ``route`` (a dry
+    run) ranks them as if configured, each marked with what to set.
     """
     env = os.environ if env is None else env
     wanted = [k.strip() for k in env.get("IMAGEROUTER_PROVIDERS", "").split(",") if k.strip()]

@@ -7,6 +7,7 @@ cost accounting. Providers stay thin; policies stay pure.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -16,12 +17,13 @@ import random
 import secrets
 import threading
 import time
+import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
@@ -29,7 +31,7 @@ from policies.decision import CandidateInfo, RankedCandidate, Rejection, Routing
 from policies.engine import PolicyEngine, RoutingContext
 from policies.policy import Policy, resolve_policy
 from policies.stats import LatencyStats
-from providers.base import Provider, ProviderResponse
+from providers.base import Capabilities, Plan, Provider, ProviderResponse
 from router import provenance
 from router.errors import (
     AllProvidersFailed,
@@ -110,6 +112,7 @@ class AsyncRouter:
         self._clock = clock
         self._rng = rng
         self._engines: dict[str, PolicyEngine] = {}
+        self._views: dict[int, tuple[Provider, Provider]] = {}  # id(provider) → (provider, its planning view)
         self._tracing = Tracing(tracer_provider, record_prompts=record_prompts)
 
     @classmethod
@@ -162,12 +165,20 @@ class AsyncRouter:
     # --- routing ---------------------------------------------------------------------
 
     def route(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
-              **kw: Any) -> RoutingDecision:
-        """The decision for ``request`` without calling anything (a dry run)."""
+              assume_configured: bool = True, **kw: Any) -> RoutingDecision:
+        """The decision for ``request`` without calling anything (a dry run).
+
+        Providers that are not configured (no key, say) are ranked as if they were and marked with what to
+        set (``RankedCandidate.configuration_problem``, ``decision.not_configured``);
+        ``decision.configured_chain`` is what :meth:`agenerate` would try as things are.
+        ``assume_configured=False``: the decision exactly as :meth:`agenerate` makes it, unconfigured
+        providers rejected.
+        """
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
         self._apply_budgets(pol)
-        return self._decide(req, pol, self.ledger.headroom(req.tags), self.candidates(req, pol))
+        return self._decide(req, pol, self.ledger.headroom(req.tags), self.candidates(req, pol),
+                            assume_configured=assume_configured)
 
     def _engine(self, policy: Policy) -> PolicyEngine:
         engine = self._engines.get(policy.name)
@@ -176,33 +187,47 @@ class AsyncRouter:
         return engine
 
     def candidates(self, request: ImageRequest, policy: Policy | None = None) -> list[CandidateInfo]:
-        """Every (provider, model) pair with its capabilities, plan and estimate (priced by ``policy``)."""
+        """Every (provider, model) pair with its capabilities, plan and estimate (priced by ``policy``).
+
+        Each provider's ``plan()`` and ``capabilities()`` run once per model here, also where its
+        ``estimate()`` asks for them again (see :func:`_planning_view`).
+        """
         out: list[CandidateInfo] = []
-        for position, provider in enumerate(self.providers_for(policy or self.policy).values()):
-            models = provider.models()
-            if request.model is not None:
-                models = [request.model] if provider.supports_model(request.model) else []
-            problem = provider.configuration_problem()
-            for model in models:
-                out.append(CandidateInfo(
-                    provider=provider.name, kind=provider.kind, model=model,
-                    capabilities=provider.capabilities(model),
-                    plan=provider.plan(request, model),
-                    estimate=provider.estimate(request, model),
-                    configuration_problem=problem,
-                    circuit_open=not self.breaker.available(provider.name),
-                    observed_latency_s=self.stats.p50(provider.name, model),
-                    position=position,
-                ))
+        stats, breaker, pinned = self.stats, self.breaker, request.model
+        token = _MEMO.set(_Memo(request))
+        try:
+            for position, provider in enumerate(self.providers_for(policy or self.policy).values()):
+                view = self._view(provider)
+                models = view.models()
+                if pinned is not None:
+                    models = [pinned] if view.supports_model(pinned) else []
+                if not models:
+                    continue
+                name, kind = provider.name, provider.kind
+                problem = view.configuration_problem()
+                circuit_open = not breaker.available(name)
+                for model in models:
+                    out.append(CandidateInfo(
+                        name, kind, model, view.capabilities(model), view.plan(request, model),
+                        view.estimate(request, model), problem, circuit_open, stats.p50(name, model), position,
+                    ))
+        finally:
+            _MEMO.reset(token)
         return out
 
+    def _view(self, provider: Provider) -> Provider:
+        held = self._views.get(id(provider))
+        if held is None or held[0] is not provider:
+            held = self._views[id(provider)] = (provider, _planning_view(provider))
+        return held[1]
+
     def _decide(self, request: ImageRequest, policy: Policy, headroom: Decimal | None,
-                candidates: list[CandidateInfo]) -> RoutingDecision:
+                candidates: list[CandidateInfo], *, assume_configured: bool = False) -> RoutingDecision:
         empty = tuple(
             Rejection(p.name, "-", "not-configured", p.configuration_problem() or "offers no model")
             for p in self.providers.values() if not p.models()
         )
-        context = RoutingContext(headroom, empty)
+        context = RoutingContext(headroom, empty, assume_configured)
         return self._engine(policy).decide(request, candidates, context)
 
     # --- generation ------------------------------------------------------------------
@@ -295,6 +320,80 @@ def _retried(exc: BaseException) -> bool:
     (a billed failure is never re-run on the same backend: that would pay twice for one image)."""
     return (isinstance(exc, ImageRouterError) and exc.disposition is Disposition.RETRY
             and exc.billed is None)
+
+
+class _Memo:
+    """One request's plans and capabilities, while :meth:`AsyncRouter.candidates` builds its candidates."""
+
+    __slots__ = ("request", "values")
+
+    def __init__(self, request: ImageRequest) -> None:
+        self.request = request
+        self.values: dict[tuple[str, int, str], Any] = {}
+
+
+_MEMO: contextvars.ContextVar[_Memo | None] = contextvars.ContextVar("imagerouter_plan_memo", default=None)
+_view_classes: dict[type, type | None] = {}
+
+
+class _Planning(Provider):
+    """Put before a provider's class: ``plan`` and ``capabilities`` answered from the current :class:`_Memo`
+    (the provider's own methods run once per request and model; outside a memo they are called as they are)."""
+
+    __slots__ = ()
+
+    def plan(self, request: ImageRequest, model: str) -> Plan:
+        memo = _MEMO.get()
+        if memo is None or request is not memo.request:
+            return super().plan(request, model)
+        key = ("plan", id(self), model)
+        found = memo.values.get(key)
+        if found is None:
+            found = memo.values[key] = super().plan(request, model)
+        return cast(Plan, found)
+
+    def capabilities(self, model: str) -> Capabilities:
+        memo = _MEMO.get()
+        if memo is None:
+            return super().capabilities(model)  # type: ignore[safe-super]
+        key = ("capabilities", id(self), model)
+        found = memo.values.get(key)
+        if found is None:
+            found = memo.values[key] = super().capabilities(model)  # type: ignore[safe-super]
+        return cast(Capabilities, found)
+
+
+def _planning_class(cls: type[Provider]) -> type[Provider] | None:
+    """``cls`` with :class:`_Planning` before it (made once per class; None where ``cls`` cannot be subclassed)."""
+    if cls in _view_classes:
+        return _view_classes[cls]
+    sub: type[Provider] | None
+    try:
+        sub = types.new_class(f"_Planning{cls.__name__}", (_Planning, cls),
+                              exec_body=lambda ns: ns.update(__module__=__name__, __slots__=()))
+    except Exception:  # a class that refuses subclasses: no memo, the same answers
+        sub = None
+    _view_classes[cls] = sub
+    return sub
+
+
+def _planning_view(provider: Provider) -> Provider:
+    """``provider`` itself, seen through a subclass that memoizes ``plan`` and ``capabilities`` per request.
+
+    Most providers' ``estimate()`` calls ``self.plan()`` again; the view shares the provider's own
+    attribute dictionary (every read and write is the provider's), only those two methods change, and
+    only while :meth:`AsyncRouter.candidates` runs (outside it they call straight through). A provider
+    without an instance dictionary (``__slots__``) is used as it is.
+    """
+    sub = _planning_class(type(provider))
+    if sub is None:
+        return provider
+    try:
+        view = object.__new__(sub)
+        view.__dict__ = provider.__dict__
+    except (TypeError, AttributeError):
+        return provider
+    return view
 
 
 class _LedgerCalls:

@@ -911,7 +911,8 @@ def create_app(
         key = authenticate(request)
         parsed = await parse_json(request, key)
         # a thread: a file ledger's headroom may wait on another process's write lock
-        decision = await asyncio.to_thread(router.route, parsed.request, policy=parsed.policy)
+        decision = await asyncio.to_thread(router.route, parsed.request, policy=parsed.policy,
+                                             assume_configured=False)  # what this server can serve
         return JSONResponse({"object": "route", "decision": decision.to_dict(), "explain": decision.explain(),
                              "warnings": parsed.notes})
 
