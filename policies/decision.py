@@ -12,6 +12,7 @@ from providers.base import Capabilities, Estimate, Plan
 
 if TYPE_CHECKING:
     from policies.complexity import PromptComplexity
+    from policies.skills import Profile
 
 CHAIN_LIMIT = "not tried (chain limit)"
 """How a ranked candidate beyond ``max_chain`` is listed."""
@@ -37,6 +38,8 @@ class CandidateInfo:
     circuit_open: bool = False
     observed_latency_s: float | None = None
     position: int = 0
+    profile: Profile | None = None
+    """The model's per-skill profile (providers/profiles/); None: every skill at ``capabilities.quality``."""
     names: frozenset[str] = field(init=False, repr=False, compare=False)
     cost: float = field(init=False, repr=False, compare=False)
     latency_s: float = field(init=False, repr=False, compare=False)
@@ -50,7 +53,7 @@ class CandidateInfo:
         setattr_(self, "cost", float(est.cost_usd))
         setattr_(self, "latency_s", self.observed_latency_s or est.latency_s)
         setattr_(self, "worst_usd", est.worst_usd)
-        setattr_(self, "quality", self.capabilities.quality)
+        setattr_(self, "quality", self.capabilities.quality if self.profile is None else self.profile.overall)
 
 
 @dataclass(slots=True)
@@ -102,6 +105,8 @@ class RankedCandidate:
     configuration_problem: str | None = None
     latency_s: float | None = None
     """The latency the ranking used: the observed p50 where known, else the estimate's prior."""
+    fit_note: str = ""
+    """The fit term in words: the skill that decided it, and its evidence."""
 
     @property
     def expected_latency_s(self) -> float:
@@ -119,6 +124,7 @@ class RankedCandidate:
             "latency_source": self.latency_source,
             "warnings": list(self.warnings),
             "configuration_problem": self.configuration_problem,
+            "fit": self.fit_note,
         }
 
 
@@ -267,6 +273,8 @@ def _ranked_lines(i: int, cand: RankedCandidate) -> list[str]:
     if cand.configuration_problem:
         problem = cand.configuration_problem
         lines.append(f"       {problem if problem.startswith('not configured') else 'not configured: ' + problem}")
+    if cand.fit_note:
+        lines.append(f"       fit: {cand.fit_note}")
     lines += [f"       adapts: {w}" for w in cand.warnings]
     return lines
 

@@ -31,6 +31,9 @@ from typing import Any
 from policies.complexity import PromptComplexity, score_prompt
 from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
 from policies.policy import Policy, Rule, Weights
+from policies.skills import describe_fit
+from policies.skills import fit as skill_fit
+from policies.skills import needs as skill_needs
 from router.request import QUALITY_FLOORS, ImageRequest
 
 FIT_PENALTY = 3.0
@@ -40,10 +43,27 @@ FitFunction = Callable[[CandidateInfo, PromptComplexity], float]
 """The ``fit`` term before its weight: how well a candidate suits a prompt, in [0, 1]."""
 
 
-def fit_term(cand: CandidateInfo, complexity: PromptComplexity) -> float:
-    """1 when the model's quality reaches the prompt's complexity score, minus ``FIT_PENALTY`` × the shortfall."""
+def quality_fit(cand: CandidateInfo, complexity: PromptComplexity) -> float:
+    """1 when the model's quality reaches the prompt's complexity score, minus ``FIT_PENALTY`` × the shortfall
+    (the fit of a model with no profile, and of any model when skills are not asked about)."""
     shortfall = complexity.score - cand.quality
     return 1.0 if shortfall <= 0 else max(0.0, 1.0 - FIT_PENALTY * shortfall)
+
+
+def fit_term(cand: CandidateInfo, complexity: PromptComplexity) -> float:
+    """The model's skills against what the prompt needs (:func:`policies.skills.fit`) where the model has a
+    profile; else :func:`quality_fit`."""
+    if cand.profile is None:
+        return quality_fit(cand, complexity)
+    return skill_fit(skill_needs(complexity.features), cand.profile).score
+
+
+def fit_note(cand: CandidateInfo, complexity: PromptComplexity) -> str:
+    """:func:`fit_term` in words for ``explain()``: the skill that decided, with its evidence."""
+    if cand.profile is None:
+        return ""
+    need = skill_needs(complexity.features)
+    return describe_fit(skill_fit(need, cand.profile), need, cand.profile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +150,7 @@ class _Scoring:
         return RankedCandidate(  # positional: this runs for every candidate in the chain
             cand.provider, cand.model, sum(terms.values()), terms, cand.estimate,
             "prior" if cand.observed_latency_s is None else "observed", cand.plan.warnings,
-            cand.configuration_problem, cand.latency_s,
+            cand.configuration_problem, cand.latency_s, fit_note(cand, self.complexity),
         )
 
     def rest(self, order: list[CandidateInfo]) -> list[RankedCandidate]:
@@ -267,8 +287,8 @@ class PolicyEngine:
                 allowed = ", ".join(sorted(residency)) or "no region (the policy's and its residency do not overlap)"
                 serves = ", ".join(sorted(caps.regions))
                 why = "residency", f"serves regions {serves}; the request allows only {allowed}"
-            elif floor is not None and caps.quality < floor:
-                why = "quality-floor", f"quality {caps.quality:.2f} is below the floor {floor:.2f}"
+            elif floor is not None and cand.quality < floor:
+                why = "quality-floor", f"quality {cand.quality:.2f} is below the floor {floor:.2f}"
             elif cap is not None and cand.worst_usd > cap:  # the most the call can be billed, where bounded
                 why = "cost-cap", f"estimated ${cand.worst_usd} is over max_cost_usd ${cap}"
             elif max_latency is not None and cand.latency_s > max_latency:

@@ -112,6 +112,7 @@ class Policy(_Strict):
     fallback_on_content_policy: bool = False
     budgets: tuple[BudgetRule, ...] = ()
     prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)  # "<kind>/<model>": {"skills": {...}}
 
 
 PRESETS: dict[str, Policy] = {

@@ -48,6 +48,7 @@ from router.errors import (
 from router.health import CircuitBreaker
 from router.ledger import Budget, Ledger, Reservation
 from router.logs import install_redaction
+from router.profiles import ProfileTable, default_profiles, profile_for
 from router.progress import ProgressCallback, reporting_to
 from router.request import ImageRequest
 from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
@@ -96,6 +97,7 @@ class AsyncRouter:
         self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
         self._ledger = _LedgerCalls(self.ledger)
         self._priced: dict[str, dict[str, Provider]] = {}
+        self._profiled: dict[str, ProfileTable] = {}
         self._budgeted: set[tuple[object, ...]] = set()
         self._overbilled: dict[tuple[str, str], Decimal] = {}  # (provider, model) → largest bill ÷ reservation
         self._apply_budgets(self.policy)
@@ -139,6 +141,14 @@ class AsyncRouter:
                 priced[name] = twin
             self._priced[key] = priced
         return priced
+
+    def profiles_for(self, policy: Policy) -> ProfileTable:
+        """The per-skill model profiles routing uses under ``policy`` (the shipped table with its overrides)."""
+        key = json.dumps(policy.profiles, sort_keys=True, default=str)
+        table = self._profiled.get(key)
+        if table is None:
+            table = self._profiled[key] = default_profiles().with_overrides(policy.profiles)
+        return table
 
     def _apply_budgets(self, policy: Policy) -> None:
         """Write ``policy``'s budgets into the ledger (once per distinct set)."""
@@ -194,6 +204,7 @@ class AsyncRouter:
         """
         out: list[CandidateInfo] = []
         stats, breaker, pinned = self.stats, self.breaker, request.model
+        profiles = self.profiles_for(policy or self.policy)
         token = _MEMO.set(_Memo(request))
         try:
             for position, provider in enumerate(self.providers_for(policy or self.policy).values()):
@@ -210,6 +221,7 @@ class AsyncRouter:
                     out.append(CandidateInfo(
                         name, kind, model, view.capabilities(model), view.plan(request, model),
                         view.estimate(request, model), problem, circuit_open, stats.p50(name, model), position,
+                        profile_for(provider, model, profiles),
                     ))
         finally:
             _MEMO.reset(token)
