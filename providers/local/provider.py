@@ -19,7 +19,7 @@ from providers.local.loras import LoraFile, check_family, resolve
 from providers.local.worker import Control, DeviceWorker, Job, JobResult
 from router.errors import ImageRouterError, InvalidRequestError, ProviderUnavailable
 from router.geometry import SizeRules, plan_size
-from router.images import decode, encode, load_bytes, mask_to_white_repaint
+from router.images import adecode, encode, load_bytes, mask_to_white_repaint
 from router.prices import PriceTable
 from router.progress import ProgressEvent, current_sink
 from router.request import ImageRequest, Task
@@ -190,14 +190,11 @@ class LocalProvider(Provider):
                                       f"(got {width}x{height})", provider=self.name)
         init = mask = None
         if request.init_image is not None:
-            init = decode(await load_bytes(request.init_image), what="init_image").convert("RGB")
-            if init.size != (width, height):
-                from PIL import Image
-
-                init = init.resize((width, height), Image.Resampling.LANCZOS)
-        if request.mask_image is not None:
-            mask = mask_to_white_repaint(decode(await load_bytes(request.mask_image), what="mask_image"),
-                                         (width, height))
+            init = await asyncio.to_thread(_rgb_at, await adecode(await load_bytes(request.init_image),
+                                                                   what="init_image"), (width, height))
+        if request.mask_image is not None:  # decoded and converted off the event loop
+            mask = await asyncio.to_thread(mask_to_white_repaint, await adecode(await load_bytes(request.mask_image),
+                                                                                what="mask_image"), (width, height))
         options = request.provider_options.get(self.name, {})
         controls = await self._controls(request, entry, (width, height), options)
         loras = self._loras(request, entry)
@@ -252,7 +249,7 @@ class LocalProvider(Provider):
         low, high = _int_option(options, "canny_low", 100), _int_option(options, "canny_high", 200)
         out = []
         for c in request.controls:
-            image = decode(await load_bytes(c.image), what=f"controls[{c.kind}].image")
+            image = await adecode(await load_bytes(c.image), what=f"controls[{c.kind}].image")
             # Edge maps are NumPy work; keep it off the event loop and off the device queue.
             cmap = await asyncio.to_thread(control_map, image, c.kind, size, preprocess=c.preprocess, low=low,
                                            high=high)
@@ -301,3 +298,11 @@ def _int_option(options: Mapping[str, Any], name: str, default: int) -> int:
         raise InvalidRequestError(f"provider_options.local.{name} must be a whole number ≥ 0, got {value!r}",
                                   provider="local")
     return value
+
+
+def _rgb_at(img: Any, size: tuple[int, int]) -> Any:
+    """``img`` as RGB at ``size`` (LANCZOS), for the init image (CPU work: called in a worker thread)."""
+    from PIL import Image
+
+    rgb = img.convert("RGB")
+    return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.LANCZOS)
