@@ -6,13 +6,15 @@ import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
 
 if TYPE_CHECKING:
+    from providers.base import Provider
     from providers.sandbox import OpenAISandbox, StabilitySandbox
+    from router import AsyncRouter
 
 
 def png(width: int = 64, height: int = 64, color: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:
@@ -29,6 +31,15 @@ class Sleeps:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+
+def make_router(*providers: Provider, **kw: Any) -> AsyncRouter:
+    """An AsyncRouter over ``providers`` with an in-memory ledger and recorded (not slept) waits."""
+    from router import AsyncRouter
+
+    kw.setdefault("ledger", ":memory:")
+    kw.setdefault("sleep", Sleeps())
+    return AsyncRouter(list(providers), **kw)
 
 
 def half_mask(width: int = 64, height: int = 64) -> bytes:

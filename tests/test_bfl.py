@@ -16,7 +16,6 @@ from providers.sandbox import Fault
 from providers.sandbox.bfl import SAMPLE_PATH, BFLSandbox
 from router import (
     AllProvidersFailed,
-    AsyncRouter,
     AuthenticationError,
     ContentPolicyError,
     ImageRequest,
@@ -26,7 +25,7 @@ from router import (
 )
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import Sleeps, half_mask, png
+from tests.conftest import Sleeps, half_mask, make_router, png
 
 KEY = "bfl-sandbox-primary-key"
 TXT = "/v1/flux-pro-1.1"
@@ -51,11 +50,6 @@ def provider(sb: BFLSandbox, name: str = "bfl", **kw: object) -> BFLProvider:
     return BFLProvider(name=name, fetcher=SafeFetcher(allow_loopback=True), poll_interval_s=0.01,
                        **kw)  # type: ignore[arg-type]
 
-
-def make_router(*providers: BFLProvider, **kw: object) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
 
 
 def one_model(sb: BFLSandbox, name: str = "bfl", model: str = "flux-pro-1.1") -> BFLProvider:

@@ -15,9 +15,9 @@ import pytest
 
 from providers.openai import OpenAIProvider
 from providers.sandbox import Fault, OpenAISandbox
-from router import AsyncRouter, BudgetExceeded, ImageRequest, NoRouteError
+from router import BudgetExceeded, ImageRequest, NoRouteError
 from router.ledger import Budget, Ledger
-from tests.conftest import Sleeps, png
+from tests.conftest import make_router, png
 
 USAGE = {"input_tokens": 20, "input_tokens_details": {"text_tokens": 20, "image_tokens": 0},
          "output_tokens": 1056, "total_tokens": 1076}
@@ -28,11 +28,6 @@ USAGE_USD = (20 * Decimal(5) + 1056 * Decimal(30)) / Decimal(1_000_000)
 def provider(sb: OpenAISandbox, name: str = "openai") -> OpenAIProvider:
     return OpenAIProvider(name=name, api_key=sb.api_key, base_url=sb.base_url)
 
-
-def make_router(*providers: OpenAIProvider, **kw: object) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -19,10 +19,10 @@ import pytest
 
 from providers.sandbox import Fault, TogetherSandbox
 from providers.together import SCHNELL, TogetherProvider
-from router import AsyncRouter, ImageRequest, MalformedResponse, ProviderUnavailable
+from router import ImageRequest, MalformedResponse, ProviderUnavailable
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import Sleeps
+from tests.conftest import make_router
 
 KEY = "tg-sandbox-test-0123456789"
 GEN = "/v1/images/generations"
@@ -46,11 +46,6 @@ def provider(sb: TogetherSandbox, name: str = "together", **kw: Any) -> Together
     return TogetherProvider(name=name, api_key=KEY, base_url=sb.base_url, fetcher=SafeFetcher(allow_loopback=True),
                             **kw)
 
-
-def make_router(*providers: TogetherProvider, **kw: Any) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)
 
 
 def url_answer(sb: TogetherSandbox, n: int = 1) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from providers.replicate import ReplicateProvider
 from providers.sandbox import Fault
 from providers.sandbox.replicate import SDXL_VERSION, ReplicateSandbox
 from router import (
-    AsyncRouter,
     AuthenticationError,
     ContentPolicyError,
     ImageRequest,
@@ -31,7 +30,7 @@ from router import (
 from router.errors import MalformedResponse, ProviderTimeout, ProviderUnavailable, RateLimited
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import Sleeps, png
+from tests.conftest import make_router, png
 
 TOKEN = "r8_sandbox_token_primary"
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
@@ -49,11 +48,6 @@ def provider(sb: ReplicateSandbox, **kw: Any) -> ReplicateProvider:
     return ReplicateProvider(base_url=sb.base_url, fetcher=SafeFetcher(allow_loopback=True), poll_interval_s=0.01,
                              **kw)
 
-
-def make_router(*providers: ReplicateProvider, **kw: Any) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)
 
 
 async def direct(sb: ReplicateSandbox, model: str = "flux-schnell", timeout_s: float = 5.0, **kw: Any) -> Any:

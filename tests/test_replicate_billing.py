@@ -12,11 +12,11 @@ import pytest
 from providers.replicate import ReplicateProvider
 from providers.sandbox import Fault
 from providers.sandbox.replicate import SENSITIVE_ERROR, ReplicateSandbox
-from router import AsyncRouter, ContentPolicyError, ImageRequest, InvalidRequestError
+from router import ContentPolicyError, ImageRequest, InvalidRequestError
 from router.errors import AllProvidersFailed, ImageRouterError, MalformedResponse, ProviderTimeout, ProviderUnavailable
 from router.fetch import SafeFetcher
 from router.ledger import Ledger
-from tests.conftest import Sleeps
+from tests.conftest import make_router
 
 TOKEN = "r8_sandbox_token_billing"
 SCHNELL = "/v1/models/black-forest-labs/flux-schnell/predictions"
@@ -39,11 +39,6 @@ def provider(sb: ReplicateSandbox, **kw: Any) -> ReplicateProvider:
     return ReplicateProvider(api_token=TOKEN, base_url=sb.base_url, fetcher=SafeFetcher(allow_loopback=True),
                              poll_interval_s=0.01, download_backoff_s=0.01, **kw)
 
-
-def make_router(*providers: ReplicateProvider, **kw: Any) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)
 
 
 async def direct(sb: ReplicateSandbox, model: str = "flux-schnell", timeout_s: float = 5.0, **kw: Any) -> Any:

@@ -11,7 +11,6 @@ from providers.openai import OpenAIProvider
 from providers.sandbox import Fault, OpenAISandbox
 from router import (
     AllProvidersFailed,
-    AsyncRouter,
     AuthenticationError,
     BudgetExceeded,
     ContentPolicyError,
@@ -20,17 +19,12 @@ from router import (
     NoRouteError,
 )
 from router.ledger import Budget, Ledger
-from tests.conftest import Sleeps, half_mask, png
+from tests.conftest import Sleeps, half_mask, make_router, png
 
 
 def provider(sb: OpenAISandbox, name: str = "openai", **kw: object) -> OpenAIProvider:
     return OpenAIProvider(name=name, api_key=sb.api_key, base_url=sb.base_url, **kw)  # type: ignore[arg-type]
 
-
-def make_router(*providers: OpenAIProvider, **kw: object) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
 
 
 async def test_generation_returns_normalized_images_and_settled_cost(sandbox: OpenAISandbox) -> None:

@@ -16,14 +16,13 @@ from providers.sandbox.stability import StabilitySandbox
 from providers.stability import StabilityProvider
 from router import (
     AllProvidersFailed,
-    AsyncRouter,
     AuthenticationError,
     ContentPolicyError,
     ImageRequest,
     NoRouteError,
 )
 from router.fetch import SafeFetcher
-from tests.conftest import Sleeps, half_mask, png
+from tests.conftest import Sleeps, half_mask, make_router, png
 
 GEN = "/v2beta/stable-image/generate"
 
@@ -33,11 +32,6 @@ def provider(server: StabilitySandbox, *models: str, name: str = "stability") ->
                              models=models or ("stable-image-core",), fetcher=SafeFetcher(allow_loopback=True),
                              poll_interval_s=0.01)
 
-
-def make_router(*providers: StabilityProvider, **kw: object) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)  # type: ignore[arg-type]
 
 
 def mask_rgba(width: int, height: int) -> bytes:

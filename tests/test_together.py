@@ -23,7 +23,6 @@ from providers.sandbox import Fault
 from providers.sandbox.together import TogetherSandbox
 from providers.together import DEV, DEV_LORA, KONTEXT_DEV, KONTEXT_PRO, SCHNELL, TogetherProvider
 from router import (
-    AsyncRouter,
     AuthenticationError,
     ContentPolicyError,
     ImageRequest,
@@ -33,7 +32,7 @@ from router import (
 )
 from router.errors import MalformedResponse, ProviderTimeout, ProviderUnavailable, RateLimited
 from router.fetch import SafeFetcher
-from tests.conftest import Sleeps, png
+from tests.conftest import Sleeps, make_router, png
 
 KEY = "tg-sandbox-test-0123456789"
 GEN = "/v1/images/generations"
@@ -50,11 +49,6 @@ def provider(sb: TogetherSandbox, name: str = "together", key: str = KEY) -> Tog
     return TogetherProvider(name=name, api_key=key, base_url=sb.base_url, fetcher=SafeFetcher(allow_loopback=True),
                             download_backoff_s=0.01)
 
-
-def make_router(*providers: TogetherProvider, **kw: Any) -> AsyncRouter:
-    kw.setdefault("ledger", ":memory:")
-    kw.setdefault("sleep", Sleeps())
-    return AsyncRouter(list(providers), **kw)
 
 
 def sent(sb: TogetherSandbox) -> dict[str, Any]:
