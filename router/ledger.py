@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -203,12 +204,16 @@ class Ledger:
         self._lock = threading.Lock()
         self._budget_cache: list[Budget] | None = None
         self._data_version = -1
-        # An in-memory database is private to this connection: nobody else changes its budgets, and with no
-        # other reader and nothing to lose in a crash, the writes no budget watches are queued and applied
-        # in one batch before anything reads.
+        # Writes no budget watches (a reservation when no budget applies to its tags, and its settlement) are
+        # queued and applied in one batch before anything reads: see reserve_behind(). An in-memory database
+        # is private to this connection (nobody else changes its budgets, nothing to lose in a crash), so
+        # its queue is applied lazily; a file's queue is applied by whoever calls flush() (the router's
+        # ledger thread, right after queueing). ``_pending_lock`` guards only the queue and is never held
+        # across I/O, so queueing never waits on SQLite.
         self._private = self.path == ":memory:"
         self._pending: list[tuple[str, tuple[object, ...]]] = []
         self._queued_open: dict[int, str] = {}
+        self._pending_lock = threading.Lock()
         self._next_id = 0
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,18 +262,38 @@ class Ledger:
     def _flushed(self) -> sqlite3.Connection:
         """The connection, with every queued write applied (in its own transaction). Call with the lock held."""
         conn = self._conn
-        if self._pending:
+        with self._pending_lock:
             pending, self._pending = self._pending, []
-            conn.execute("BEGIN IMMEDIATE")
-            for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
-                conn.executemany(sql, [params for _, params in group])
-            conn.execute("COMMIT")
+        if pending:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for sql, group in itertools.groupby(pending, key=lambda item: item[0]):
+                    conn.executemany(sql, [params for _, params in group])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                with self._pending_lock:  # nothing is lost: put them back, ahead of what came since
+                    self._pending[:0] = pending
+                raise
         return conn
 
-    def _queue(self, sql: str, params: tuple[object, ...]) -> None:
-        self._pending.append((sql, params))
-        if len(self._pending) >= _MAX_PENDING:
-            self._flushed()
+    def flush(self) -> None:
+        """Apply every queued write now (and notice budgets another process changed meanwhile)."""
+        with self._lock:
+            self._budgets(self._flushed())
+
+    @property
+    def queued(self) -> int:
+        """How many writes wait in the queue."""
+        return len(self._pending)
+
+    def _queue(self, *writes: tuple[str, tuple[object, ...]]) -> None:
+        with self._pending_lock:
+            self._pending.extend(writes)
+        if self._private and len(self._pending) >= _MAX_PENDING:
+            with self._lock:
+                self._flushed()
 
     def _budgets(self, c: sqlite3.Connection) -> list[Budget]:
         """The budgets, re-read only when this connection changed a budget or another one changed the
@@ -312,16 +337,76 @@ class Ledger:
         """
         tagset = _tags(tags)
         now = self._clock()
+        if self.watches(tagset) is False:
+            return None  # the common case, answered without the database
         with self._lock:
             if not any(_applies(b, tagset) for b in self._budgets(self._conn)):
-                return None  # the common case, answered without a transaction
+                return None
         with self._tx("DEFERRED") as c:
             usage = [self._usage(c, b, now) for b in self._budgets(c) if _applies(b, tagset)]
         if not usage:
             return None
         return min(b.limit_usd - _usd(settled + reserved) for b, settled, reserved in usage)
 
+    def watches(self, tags: Iterable[str] = ()) -> bool | None:
+        """Whether a budget applies to a request carrying ``tags``, as last read (never waits on the
+        database); None when unknown (budgets changed here and not re-read yet). Another process's new
+        budget is noticed at the next read or :meth:`flush`."""
+        budgets = self._budget_cache
+        if budgets is None:
+            return None
+        tagset = tags if isinstance(tags, tuple) else _tags(tags)
+        return any(_applies(b, tagset) for b in budgets)
+
     # --- charges ------------------------------------------------------------------
+
+    def reserve_behind(
+        self, *, request_id: str, provider: str, model: str, amount: Decimal, tags: Iterable[str] = ()
+    ) -> Reservation | None:
+        """A reservation queued to be written later, without waiting on the database, when no budget
+        applies to ``tags`` (as last read) and the queue has room; None otherwise (then call
+        :meth:`reserve`). Its settlement is queued too; anything that reads applies the queue first."""
+        tagset = _tags(tags)
+        if self.watches(tagset) is not False or len(self._pending) >= _MAX_PENDING:
+            return None
+        nano = _nano(amount, "amount", ROUND_CEILING)
+        now = self._clock()
+        with self._pending_lock:
+            if self._private:
+                charge_id, self._next_id = self._next_id, self._next_id + 1
+            else:  # other processes insert into the same file: an id nobody else will pick
+                charge_id = secrets.randbits(62) + 2**62
+            self._queued_open[charge_id] = request_id
+        self._queue(
+            (_INSERT_CHARGE, (charge_id, request_id, provider, model, nano, now)),
+            *(("INSERT INTO charge_tags VALUES (?, ?)", (charge_id, t)) for t in tagset),
+        )
+        return Reservation(id=charge_id, request_id=request_id, provider=provider, model=model,
+                           amount=_usd(nano), tags=tagset, created=datetime.fromtimestamp(now, UTC))
+
+    def settle_behind(
+        self,
+        reservation: Reservation,
+        actual_usd: Decimal,
+        *,
+        unit: str = "",
+        quantity: Decimal | float | int = 0,
+        details: Mapping[str, object] | None = None,
+    ) -> bool:
+        """Queue the settlement of a reservation made by :meth:`reserve_behind`; False (nothing done) for any
+        other reservation (then call :meth:`settle`)."""
+        with self._pending_lock:
+            if self._queued_open.get(reservation.id) != reservation.request_id:
+                return False
+            del self._queued_open[reservation.id]
+        self._queue((_SETTLE, self._settle_values(reservation, actual_usd, unit, quantity, details)))
+        return True
+
+    def _settle_values(self, reservation: Reservation, actual_usd: Decimal, unit: str,
+                       quantity: Decimal | float | int, details: Mapping[str, object] | None) -> tuple[object, ...]:
+        nano = _nano(actual_usd, "actual_usd", ROUND_HALF_EVEN)
+        blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
+        return (nano, unit, str(quantity), blob, self._clock(), reservation.id, reservation.request_id)
 
     def reserve(
         self, *, request_id: str, provider: str, model: str, amount: Decimal, tags: Iterable[str] = ()
@@ -331,18 +416,17 @@ class Ledger:
         Raises :class:`~router.errors.BudgetExceeded` and holds nothing when any of them
         would go over its limit.
         """
+        if self._private and (queued := self.reserve_behind(
+            request_id=request_id, provider=provider, model=model, amount=amount, tags=tags
+        )) is not None:
+            return queued
         nano = _nano(amount, "amount", ROUND_CEILING)
         tagset = _tags(tags)
         now = self._clock()
         if not tagset:
             with self._lock:
-                if not self._budgets(self._conn):  # no budget to check: one INSERT is atomic on its own
-                    if self._private:
-                        charge_id, self._next_id = self._next_id, self._next_id + 1
-                        self._queue(_INSERT_CHARGE, (charge_id, request_id, provider, model, nano, now))
-                        self._queued_open[charge_id] = request_id
-                    else:
-                        charge_id = self._insert_charge(self._conn, request_id, provider, model, nano, now)
+                if not self._budgets(self._flushed()):  # no budget to check: one INSERT is atomic on its own
+                    charge_id = self._insert_charge(self._conn, request_id, provider, model, nano, now)
                     return Reservation(id=charge_id, request_id=request_id, provider=provider, model=model,
                                        amount=_usd(nano), tags=(), created=datetime.fromtimestamp(now, UTC))
         with self._tx() as c:
@@ -387,15 +471,10 @@ class Ledger:
     ) -> None:
         """Record what the provider billed for ``reservation`` (it may exceed the estimate)
         and close it. Raises ValueError if it is already settled or released."""
-        nano = _nano(actual_usd, "actual_usd", ROUND_HALF_EVEN)
-        now = self._clock()
-        blob = json.dumps(dict(details), default=str, sort_keys=True) if details else None
-        values = (nano, unit, str(quantity), blob, now, reservation.id, reservation.request_id)
+        if self.settle_behind(reservation, actual_usd, unit=unit, quantity=quantity, details=details):
+            return
+        values = self._settle_values(reservation, actual_usd, unit, quantity, details)
         with self._lock:
-            if self._queued_open.get(reservation.id) == reservation.request_id:
-                del self._queued_open[reservation.id]
-                self._queue(_SETTLE, values)
-                return
             conn = self._flushed()
             if conn.execute(_SETTLE + " RETURNING id", values).fetchone() is None:
                 self._close(conn, reservation)  # raises, saying why
@@ -407,7 +486,8 @@ class Ledger:
         blob = json.dumps({"reason": reason}) if reason else None
         with self._tx() as c:
             self._close(c, reservation)
-            self._queued_open.pop(reservation.id, None)
+            with self._pending_lock:
+                self._queued_open.pop(reservation.id, None)
             c.execute(
                 "UPDATE charges SET state = 'released', details = ?, closed = ? WHERE id = ?",
                 (blob, now, reservation.id),

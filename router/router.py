@@ -266,7 +266,7 @@ class AsyncRouter:
         with self._tracing.request(req, pol.name, request_id) as span:
             walk = _Walk(self, req, pol, request_id, deadline, span)
             try:
-                headroom = self._ledger.start(self.ledger.headroom, req.tags)  # read while the candidates are built
+                headroom = self._ledger.headroom(req.tags)  # read while the candidates are built
                 candidates = self.candidates(req, pol)
                 decision = self._decide(req, pol, await headroom, candidates)
                 routed = self._clock()
@@ -411,11 +411,14 @@ def _planning_view(provider: Provider) -> Provider:
 class _LedgerCalls:
     """The ledger's calls from the event loop. A file ledger runs on one dedicated thread, where
     SQLite may wait on another process's write lock without stalling the loop; a private in-memory
-    ledger (no file, no other connection) answers inline in microseconds."""
+    ledger (no file, no other connection) answers inline in microseconds. Writes no budget watches
+    are not waited for: they are queued in the ledger (readers apply the queue first) and the thread
+    applies them right after, so a request's path never waits on SQLite unless a budget applies."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._pool = None if ledger.private else ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
+        self._flush_due = False
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await self.start(fn, *args, **kw)
@@ -432,10 +435,40 @@ class _LedgerCalls:
             return done
         return loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
+    def headroom(self, tags: Iterable[str]) -> asyncio.Future[Decimal | None]:
+        if self._pool is not None and self.ledger.watches(tags) is False:
+            done: asyncio.Future[Decimal | None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self.start(self.ledger.headroom, tags)
+
+    def _flush_soon(self) -> None:
+        """Have the ledger thread apply the queued writes (once, however many were queued meanwhile)."""
+        if self._pool is not None and not self._flush_due:
+            self._flush_due = True
+            self._pool.submit(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        try:
+            self.ledger.flush()
+        except Exception:  # the writes stay queued; the next flush or read applies them
+            log.exception("the ledger could not apply its queued writes; they stay queued")
+
+    async def settle(self, reservation: Reservation, cost: Decimal, **kw: Any) -> None:
+        if self._pool is not None and self.ledger.settle_behind(reservation, cost, **kw):
+            self._flush_soon()
+            return
+        await self.run(self.ledger.settle, reservation, cost, **kw)
+
     async def reserve(self, **kw: Any) -> Reservation:
         """A reservation; if the caller is cancelled while it is being made, it is released once made."""
         if self._pool is None:
             return self.ledger.reserve(**kw)
+        queued = self.ledger.reserve_behind(**kw)
+        if queued is not None:
+            self._flush_soon()
+            return queued
         future = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(self.ledger.reserve, **kw))
         try:
             return await asyncio.shield(future)
@@ -456,6 +489,8 @@ class _LedgerCalls:
 
     def shutdown(self) -> None:
         if self._pool is not None:
+            if self.ledger.queued:
+                self._pool.submit(self._flush)
             self._pool.shutdown(wait=True)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
 
@@ -568,9 +603,8 @@ class _Walk:
                     cost = exc.billed.cost_usd
                     self.billed += cost
                     r.learn_bill(provider.name, cand, reservation.amount, cost)
-                    await r._ledger.run(r.ledger.settle, reservation, cost, unit=exc.billed.unit,
-                                        quantity=exc.billed.quantity,
-                                        details=exc.billed.details | {"failed": exc.kind})
+                    await r._ledger.settle(reservation, cost, unit=exc.billed.unit, quantity=exc.billed.quantity,
+                                           details=exc.billed.details | {"failed": exc.kind})
                 else:
                     await r._ledger.run(r.ledger.release, reservation, reason=exc.kind)
             if isinstance(exc, _PROVIDER_FAULTS):
@@ -587,8 +621,8 @@ class _Walk:
         elapsed = r._clock() - t0
         billing = response.billing
         r.learn_bill(provider.name, cand, reservation.amount, billing.cost_usd)
-        await r._ledger.run(r.ledger.settle, reservation, billing.cost_usd, unit=billing.unit,
-                            quantity=billing.quantity, details=billing.details)
+        await r._ledger.settle(reservation, billing.cost_usd, unit=billing.unit, quantity=billing.quantity,
+                               details=billing.details)
         r.breaker.record_success(provider.name)
         r.stats.record(provider.name, response.model, elapsed)
         self.billed += billing.cost_usd

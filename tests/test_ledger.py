@@ -509,3 +509,62 @@ def test_queued_writes_are_bounded_and_ids_stay_unique() -> None:
         ledger.settle(r, Decimal("0.001"))
         assert len(ledger._pending) < 512
     assert len(seen) == 1200 and ledger.spent() == Decimal("1.2")
+
+
+def test_a_file_ledger_queues_unwatched_writes_until_flushed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    assert ledger.watches(("team",)) is None  # budgets not read yet: nothing is queued blind
+    assert ledger.reserve_behind(request_id="r0", provider="p", model="m", amount=D("0.01")) is None
+    assert ledger.headroom(("team",)) is None  # reads the budgets: none
+    assert ledger.watches(("team",)) is False
+    held = ledger.reserve_behind(request_id="r1", provider="p", model="m", amount=D("0.01"), tags=("team",))
+    assert held is not None and held.tags == ("team",) and held.id >= 2**62  # no clash with other processes
+    assert ledger.settle_behind(held, D("0.02"), unit="images", quantity=1)
+    other = Ledger(path)
+    assert other.spent() == D(0)  # not written yet
+    assert ledger.queued == 3  # the charge, its tag, its settlement
+    ledger.flush()
+    assert ledger.queued == 0
+    assert other.spent() == D("0.02") and other.spent(("team",)) == D("0.02")
+    direct = ledger.reserve(request_id="r2", provider="p", model="m", amount=D("0.01"))
+    assert not ledger.settle_behind(direct, D("0.01"))  # only queued reservations settle behind
+    ledger.settle(direct, D("0.01"))
+    assert other.spent() == D("0.03")
+    other.close()
+    ledger.close()
+
+
+def test_a_budget_set_by_another_process_stops_the_queueing_at_the_next_flush(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger, other = Ledger(path), Ledger(path)
+    assert ledger.headroom() is None and ledger.watches() is False
+    other.set_budget(Budget(D("1"), "day"))
+    ledger.flush()  # notices the other process's change
+    assert ledger.watches() is True
+    assert ledger.reserve_behind(request_id="r1", provider="p", model="m", amount=D("0.01")) is None
+    with pytest.raises(BudgetExceeded):
+        ledger.reserve(request_id="r2", provider="p", model="m", amount=D("2"))
+    ledger.close()
+    other.close()
+
+
+def test_queued_writes_survive_a_failed_flush_and_a_queued_reservation_can_be_released(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    ledger.headroom()
+    held = ledger.reserve_behind(request_id="r1", provider="p", model="m", amount=D("0.01"))
+    assert held is not None
+    lock = sqlite3.connect(path, isolation_level=None, timeout=0)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    ledger._conn.execute("PRAGMA busy_timeout = 50")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        ledger.flush()
+    assert ledger.queued == 1  # put back, not lost
+    lock.execute("COMMIT")
+    lock.close()
+    ledger.release(held, reason="failed")  # applies the queue first, then releases
+    assert ledger.queued == 0 and ledger.spent() == D(0)
+    with pytest.raises(ValueError, match="already released"):
+        ledger.release(held)
+    ledger.close()

@@ -30,6 +30,7 @@ import router.server as server
 from providers.base import Billing, Capabilities, Estimate, Provider, ProviderResponse
 from router import AsyncRouter, ImageRequest, RequestValidationError
 from router.images import ImageDecodeError, decode
+from router.ledger import Budget, Ledger
 from router.result import GeneratedImage
 from router.server import create_app
 from tests.conftest import png
@@ -271,7 +272,7 @@ async def test_the_loop_keeps_ticking_while_the_ledger_waits_for_the_write_lock(
         write_lock: tuple[Path, sqlite3.Connection]) -> None:
     path, other = write_lock
     provider = Canned(png(), (64, 64))
-    router = AsyncRouter([provider], ledger=path, max_retries=0)
+    router = AsyncRouter([provider], ledger=path, max_retries=0, budgets=[Budget(Decimal("5"), "day")])
     other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
     # a safety net: were the loop blocked in the ledger, it would stay blocked until this releases the lock
     safety = threading.Timer(20.0, lambda: other.execute("COMMIT") if other.in_transaction else None)
@@ -283,7 +284,7 @@ async def test_the_loop_keeps_ticking_while_the_ledger_waits_for_the_write_lock(
             await asyncio.sleep(0.002)
             ticks += 1
         assert ticks == 30 and not task.done()  # the loop ran on while the request waited ...
-        assert provider.seen == []  # ... at its reservation, before the provider
+        assert provider.seen == []  # ... at its reservation (a budget watches it), before the provider
         other.execute("COMMIT")
         result = await task
     finally:
@@ -292,6 +293,30 @@ async def test_the_loop_keeps_ticking_while_the_ledger_waits_for_the_write_lock(
     assert result.provider == "canned" and len(provider.seen) == 1
     assert router.ledger.spent(period="day") == Decimal("0.01")
     await router.aclose()
+
+
+async def test_a_request_no_budget_watches_never_waits_on_the_ledger(
+        write_lock: tuple[Path, sqlite3.Connection]) -> None:
+    path, other = write_lock
+    provider = Canned(png(), (64, 64))
+    router = AsyncRouter([provider], ledger=path, max_retries=0)
+    await router.agenerate("warm up")  # the ledger has read its budgets (none)
+    other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+    safety = threading.Timer(20.0, lambda: other.execute("COMMIT") if other.in_transaction else None)
+    safety.start()
+    try:
+        result = await asyncio.wait_for(router.agenerate("a cat"), 10)  # served while the lock is held
+        assert router.ledger.queued >= 2  # its reservation and settlement wait for the lock, in order
+        other.execute("COMMIT")
+    finally:
+        safety.cancel()
+        other.close()
+    assert result.provider == "canned" and len(provider.seen) == 2
+    assert router.ledger.spent(period="day") == Decimal("0.02")  # a read applies what was queued first
+    await router.aclose()
+    reopened = Ledger(path)
+    assert reopened.spent(period="day") == Decimal("0.02") and reopened.report()[0].requests == 2
+    reopened.close()
 
 
 async def test_the_route_endpoint_asks_the_ledger_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
