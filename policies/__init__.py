@@ -6,12 +6,13 @@ it is given; decisions themselves are pure functions of their inputs.
 
 from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
 from policies.engine import PolicyEngine, RoutingContext
-from policies.policy import PRESETS, BudgetRule, Policy, Rule, Weights, load_policy, resolve_policy
+from policies.policy import PRESETS, BudgetRule, Hedge, Policy, Rule, Weights, load_policy, resolve_policy
 
 __all__ = [
     "PRESETS",
     "BudgetRule",
     "CandidateInfo",
+    "Hedge",
     "Policy",
     "PolicyEngine",
     "RankedCandidate",

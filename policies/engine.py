@@ -279,6 +279,8 @@ class PolicyEngine:
                 why = "not-configured", cand.configuration_problem
             elif rare and (gap := _capability_gap(request, task, cand)) is not None:
                 why = gap
+            elif cand.plan.size.out_of_range is not None:  # in any size mode: adapting would lose what was asked
+                why = "size", f"cannot make that size: {cand.plan.size.out_of_range}"
             elif task not in caps.tasks:
                 why = "capability", f"does not do {task}"
             elif n > caps.max_n:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.request import QualityFloor, Task
 
@@ -92,6 +92,27 @@ class BudgetRule(_Strict):
 Order = Literal["score", "cost", "latency"]
 
 
+class Hedge(_Strict):
+    """Hedged requests (Dean & Barroso, *The Tail at Scale*): when the chain's head has not answered
+    ``after`` its p95 latency (or a number of seconds), start the next candidate too and take the
+    first success; the other is cancelled. A hedge is started only while the extra spend it may add
+    stays within ``max_extra_fraction`` of what the router has spent on requests so far (and within
+    every budget), so hedging cannot multiply the bill."""
+
+    after: Literal["p95"] | float = "p95"
+    """``p95``: the head's observed 95th-percentile latency (no hedge until it has enough samples);
+    or a fixed wait in seconds."""
+    max_extra_fraction: float = Field(0.05, gt=0, le=1)
+    """The most hedges may add, as a fraction of the router's spend on requests so far."""
+
+    @field_validator("after")
+    @classmethod
+    def _positive(cls, value: str | float) -> str | float:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("hedge.after must be 'p95' or a number of seconds above 0")
+        return value
+
+
 class Policy(_Strict):
     """How the router chooses: weights, hard preferences, rules, order and budgets."""
 
@@ -113,6 +134,8 @@ class Policy(_Strict):
     budgets: tuple[BudgetRule, ...] = ()
     prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)  # "<kind>/<model>": {"skills": {...}}
+    hedge: Hedge | None = None
+    """Opt-in hedged requests against tail latency (see :class:`Hedge`); None: one candidate at a time."""
 
 
 PRESETS: dict[str, Policy] = {

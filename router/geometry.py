@@ -29,6 +29,31 @@ class SizeRules:
             and max(w, h) / min(w, h) <= self.max_ratio
         )
 
+    def within_range(self, w: int, h: int) -> bool:
+        """Whether w×h lies inside the model's range, so that adapting it only rounds (to the multiple, or
+        to the nearest fixed shape). A fixed set's range reaches up to its largest shape and across its
+        aspect ratios; below its smallest shape a request is rounded up to the nearest one."""
+        ratio = max(w, h) / min(w, h)
+        if self.fixed:
+            return (max(w, h) <= max(max(s) for s in self.fixed) and w * h <= max(a * b for a, b in self.fixed)
+                    and ratio <= max(max(s) / min(s) for s in self.fixed) * 1.02)
+        return (self.min_side <= min(w, h) and max(w, h) <= self.max_side
+                and self.min_pixels <= w * h <= self.max_pixels and ratio <= self.max_ratio)
+
+    def describe(self) -> str:
+        """The range in words, for a rejection reason: "sides 256-2048 px in multiples of 8, up to 4.2 MP"."""
+        if self.fixed:
+            return "one of " + ", ".join(f"{w}x{h}" for w, h in self.fixed)
+        parts = [f"sides {self.min_side}-{self.max_side} px" + (f" in multiples of {self.multiple}"
+                                                                  if self.multiple > 1 else "")]
+        if self.max_pixels < self.max_side**2:
+            parts.append(f"at most {self.max_pixels / 1e6:.2f} MP")
+        if self.min_pixels > self.min_side**2:
+            parts.append(f"at least {self.min_pixels / 1e6:.2f} MP")
+        if self.max_ratio < self.max_side / self.min_side:
+            parts.append(f"long side at most {self.max_ratio:g}x the short")
+        return ", ".join(parts)
+
     def nearest(self, w: int, h: int) -> tuple[int, int]:
         """The producible shape closest to w×h (aspect ratio first, then area)."""
         if self.allows(w, h):
@@ -81,6 +106,7 @@ class SizePlan:
     height: int
     warning: str | None = None
     exact: bool = True  # False when the backend cannot make the shape that was asked for
+    out_of_range: str | None = None  # why the size asked lies outside what the model makes (then it is refused)
 
 
 def plan_size(
@@ -91,7 +117,11 @@ def plan_size(
         if rules.allows(width, height):
             return SizePlan(width, height)
         w, h = rules.nearest(width, height)
-        return SizePlan(w, h, f"size {width}x{height} adapted to {w}x{h}: the nearest shape this model makes", False)
+        if not rules.within_range(width, height):
+            return SizePlan(w, h, f"size {width}x{height} is outside this model's range ({rules.describe()})", False,
+                            out_of_range=f"{width}x{height} is outside its range: {rules.describe()}")
+        return SizePlan(w, h, f"size {width}x{height} adapted to {w}x{h}: the nearest shape this model makes "
+                              f"({rules.describe()})", False)
     if aspect_ratio is not None:
         w, h = rules.for_ratio(parse_ratio(aspect_ratio))
         got = w / h

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from policies.decision import RoutingDecision
 
 log = logging.getLogger("imagerouter")
-Outcome = Literal["success", "error", "skipped"]
+Outcome = Literal["success", "error", "skipped", "cancelled"]
 _EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 

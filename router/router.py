@@ -116,6 +116,9 @@ class AsyncRouter:
         self._engines: dict[str, PolicyEngine] = {}
         self._views: dict[int, tuple[Provider, Provider]] = {}  # id(provider) → (provider, its planning view)
         self._tracing = Tracing(tracer_provider, record_prompts=record_prompts)
+        self._spent = Decimal(0)  # billed on requests so far: what hedges may add a fraction of
+        self._hedge_extra = Decimal(0)  # what hedges added (the losers' charges)
+        self._hedge_held = Decimal(0)  # the worst case of hedges in flight
 
     @classmethod
     def from_env(cls, **kw: Any) -> AsyncRouter:
@@ -157,6 +160,10 @@ class AsyncRouter:
             for rule in policy.budgets:
                 self.ledger.set_budget(Budget(rule.limit_usd, rule.period, rule.tag))
             self._budgeted.add(key)
+
+    def _may_hedge(self, worst: Decimal, fraction: float) -> bool:
+        """Whether a hedge that may cost ``worst`` keeps hedging within ``fraction`` of the spend so far."""
+        return self._hedge_extra + self._hedge_held + worst <= Decimal(str(fraction)) * self._spent
 
     def reservation_for(self, provider: str, cand: RankedCandidate) -> Decimal:
         """What to hold in the ledger before calling: the call's worst case, scaled up by the largest
@@ -277,14 +284,16 @@ class AsyncRouter:
                     # A policy's residency must reach the providers too: they pick regional hosts from it.
                     constraints = req.constraints.model_copy(update={"residency": decision.residency})
                     walk.request = req = req.model_copy(update={"constraints": constraints})
-                for rank, cand in enumerate(decision.chain):
-                    response = await walk.try_candidate(cand, rank)
-                    if response is not None:
-                        return walk.result(cand, response, decision, start, routed, rank)
+                served = await walk.run(decision.chain)
+                if served is not None:
+                    cand, rank, response = served
+                    return walk.result(cand, response, decision, start, routed, rank)
                 raise walk.failure(decision)
             except ImageRouterError as exc:
                 walk.failed(exc, start)
                 raise
+            finally:
+                self._spent += walk.billed
 
     async def aclose(self) -> None:
         for priced in self._priced.values():
@@ -408,6 +417,9 @@ def _planning_view(provider: Provider) -> Provider:
     return view
 
 
+_HEDGED = "hedged: another candidate answered first"
+
+
 class _LedgerCalls:
     """The ledger's calls from the event loop. A file ledger runs on one dedicated thread, where
     SQLite may wait on another process's write lock without stalling the loop; a private in-memory
@@ -480,6 +492,15 @@ class _LedgerCalls:
         if not future.cancelled() and future.exception() is None:
             self.release_soon(future.result(), reason="cancelled")
 
+    def settle_soon(self, reservation: Reservation, cost: Decimal, **kw: Any) -> None:
+        """Settle without waiting (from cancellation paths, where nothing may be awaited)."""
+        if self._pool is None:
+            self.ledger.settle(reservation, cost, **kw)
+        elif self.ledger.settle_behind(reservation, cost, **kw):
+            self._flush_soon()
+        else:
+            self._pool.submit(self.ledger.settle, reservation, cost, **kw)
+
     def release_soon(self, reservation: Reservation, *, reason: str) -> None:
         """Release without waiting (from cancellation paths, where nothing may be awaited)."""
         if self._pool is None:
@@ -514,6 +535,78 @@ class _Walk:
 
     def remaining(self) -> float:
         return self.deadline - self.r._clock()
+
+    async def run(self, chain: Sequence[RankedCandidate]) -> tuple[RankedCandidate, int, ProviderResponse] | None:
+        """Walk ``chain`` until a candidate serves the request; with a hedge policy, a slow head gets a
+        second candidate raced against it. None when every candidate failed."""
+        rank = 0
+        while rank < len(chain):
+            cand = chain[rank]
+            wait = self._hedge_wait(cand) if rank + 1 < len(chain) else None
+            if wait is None:
+                response = await self.try_candidate(cand, rank)
+                if response is not None:
+                    return cand, rank, response
+                rank += 1
+                continue
+            head = asyncio.create_task(self.try_candidate(cand, rank))
+            try:
+                done, _ = await asyncio.wait({head}, timeout=wait)
+            except BaseException:
+                head.cancel()
+                raise
+            backup = chain[rank + 1]
+            worst = self.r.reservation_for(backup.provider, backup)
+            hedge = self.policy.hedge
+            if done or hedge is None or not self.r._may_hedge(worst, hedge.max_extra_fraction):
+                response = await head
+                if response is not None:
+                    return cand, rank, response
+                rank += 1
+                continue
+            served = await self._race({head: (cand, rank), asyncio.create_task(
+                self.try_candidate(backup, rank + 1)): (backup, rank + 1)}, worst)
+            if served is not None:
+                return served
+            rank += 2
+        return None
+
+    def _hedge_wait(self, cand: RankedCandidate) -> float | None:
+        """How long to wait on ``cand`` before hedging; None: no hedge (not configured, or no p95 yet)."""
+        hedge = self.policy.hedge
+        if hedge is None:
+            return None
+        if hedge.after == "p95":
+            return self.r.stats.p95(cand.provider, cand.model)
+        return float(hedge.after)
+
+    async def _race(self, tasks: dict[asyncio.Task[ProviderResponse | None], tuple[RankedCandidate, int]],
+                    worst: Decimal) -> tuple[RankedCandidate, int, ProviderResponse] | None:
+        """The first success of the raced candidates; the other is cancelled (and charged what it may
+        have been billed). None when both failed."""
+        r = self.r
+        r._hedge_held += worst
+        billed_before = self.billed
+        won: tuple[RankedCandidate, int, ProviderResponse] | None = None
+        pending = set(tasks)
+        try:
+            log.info("request %s: hedging %s/%s after its p95 wait with %s/%s", self.request_id,
+                     *(f"{c.provider}/{c.model}" for c, _ in tasks.values()))
+            while pending and won is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    response = task.result()  # a fatal error propagates; the finally cancels the other
+                    if response is not None and won is None:
+                        won = (*tasks[task], response)
+        finally:
+            for task in pending:
+                task.cancel(_HEDGED)
+            if pending:
+                await asyncio.wait(pending)
+            r._hedge_held -= worst
+            winner_cost = won[2].billing.cost_usd if won is not None else Decimal(0)
+            r._hedge_extra += max(Decimal(0), self.billed - billed_before - winner_cost)
+        return won
 
     async def try_candidate(self, cand: RankedCandidate, rank: int = 0) -> ProviderResponse | None:
         """Call one candidate (``rank`` in the chain) with retries; None means: go on to the next."""
@@ -612,6 +705,18 @@ class _Walk:
             else:
                 r.breaker.release(provider.name)
             self._record(cand, "error", r._clock() - t0, error=exc, retry=retry, cost=cost)
+            raise
+        except asyncio.CancelledError as exc:
+            if reservation is not None and _HEDGED in exc.args:
+                # A hedge's loser, cancelled mid-call: the vendor may bill a call it finishes after we hang up,
+                # so its reservation is charged, never assumed free.
+                self.billed += reservation.amount
+                r._ledger.settle_soon(reservation, reservation.amount, details={"hedge": "cancelled",
+                                                                                "billed": "assumed"})
+                self._record(cand, "cancelled", r._clock() - t0, retry=retry, cost=reservation.amount)
+            elif reservation is not None:
+                r._ledger.release_soon(reservation, reason="cancelled")
+            r.breaker.release(provider.name)
             raise
         except BaseException:
             if reservation is not None:

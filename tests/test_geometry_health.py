@@ -36,6 +36,46 @@ def test_plan_size(rules: SizeRules, size: tuple[int, int] | None, ratio: str | 
     assert (plan.warning is not None) == warns and plan.exact == (not warns)
 
 
+@pytest.mark.parametrize(
+    ("rules", "size", "outside", "adapted"),
+    [
+        (GPT_IMAGE, (4096, 4096), "4096x4096 is outside its range: sides 256-3840 px in multiples of 16", None),
+        (GPT_IMAGE, (512, 512), "512x512 is outside its range: ", None),  # under the 0.66 MP minimum
+        (GPT_IMAGE, (4096, 1024), "4096x1024 is outside its range: ", None),  # longer than 3840 px
+        (GPT_IMAGE, (2400, 600), "long side at most 3x the short", None),  # more elongated than 3:1
+        (GPT_IMAGE, (1000, 1000), None, "size 1000x1000 adapted to 1008x1008"),  # within: rounded to 16
+        (FIXED, (2048, 2048), "2048x2048 is outside its range: one of 1024x1024, 1536x1024, 1024x1536", None),
+        (FIXED, (1500, 1000), None, "size 1500x1000 adapted to 1536x1024"),  # the nearest fixed shape
+        (FIXED, (512, 512), None, "size 512x512 adapted to 1024x1024"),  # below the smallest shape: rounded up
+    ],
+)
+def test_a_size_outside_the_range_is_refused_and_one_inside_is_rounded(
+        rules: SizeRules, size: tuple[int, int], outside: str | None, adapted: str | None) -> None:
+    plan = plan_size(*size, None, rules)
+    if outside is None:
+        assert plan.out_of_range is None and plan.warning is not None and plan.warning.startswith(adapted or "-")
+        assert rules.within_range(*size) and rules.allows(plan.width, plan.height)
+    else:
+        assert plan.out_of_range is not None and outside in plan.out_of_range and not rules.within_range(*size)
+
+
+def test_the_router_refuses_an_out_of_range_size_naming_the_range() -> None:
+    from providers.openai import OpenAIProvider
+    from router import NoRouteError, Router
+
+    router = Router([OpenAIProvider(api_key="sk-test")], ledger=":memory:")
+    decision = router.route("a cat", width=4096, height=4096)
+    assert not decision.chain
+    reasons = {r.model: (r.code, r.reason) for r in decision.rejections if r.provider == "openai"}
+    code, reason = reasons["gpt-image-2"]
+    assert code == "size" and "4096x4096 is outside its range: sides 256-3840 px" in reason
+    with pytest.raises(NoRouteError, match="outside its range"):
+        router.generate("a cat", width=4096, height=4096)
+    adapted = router.route("a cat", width=1000, height=1000)
+    assert adapted.chain and any("adapted to 1008x1008" in w for w in adapted.chain[0].warnings)
+    router.close()
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0

@@ -254,6 +254,9 @@ def test_capabilities_and_options(sd15_dir: Path) -> None:
     plan = p.plan(ImageRequest(prompt="x", width=64, height=64,
                                provider_options={"local": {"safety_checker": False, "bogus": 1}}), "tiny")
     assert plan.warnings == ("provider_options.local.bogus is not an option local knows; ignored",)
+    assert p.capabilities("tiny") is caps  # built once per model, not per candidate per request
+    p.catalog._entries["tiny"] = ModelEntry.from_dict("tiny", entry(sd15_dir, quality=0.6))
+    assert p.capabilities("tiny").quality == 0.6  # a replaced entry is read again
 
 
 def test_importing_the_package_does_not_import_torch() -> None:

@@ -306,7 +306,8 @@ async def test_a_request_no_budget_watches_never_waits_on_the_ledger(
     safety.start()
     try:
         result = await asyncio.wait_for(router.agenerate("a cat"), 10)  # served while the lock is held
-        assert router.ledger.queued >= 2  # its reservation and settlement wait for the lock, in order
+        # its reservation and settlement wait (queued, or on the ledger thread) until the lock is free
+        assert other.execute("SELECT COUNT(*) FROM charges").fetchone()[0] <= 1  # the warm-up's, at most
         other.execute("COMMIT")
     finally:
         safety.cancel()
