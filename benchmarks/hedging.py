@@ -29,7 +29,6 @@ import random
 import statistics
 import sys
 import time
-from decimal import Decimal
 
 from policies.policy import Hedge, Policy
 from providers.openai import OpenAIProvider

@@ -2,7 +2,8 @@
 
 ``POST /v1/{model}`` answers ``{id, polling_url, cost}``; the provider polls that URL (with
 the key) until the task is Ready, then downloads ``result.sample`` at once through the
-:class:`~router.fetch.SafeFetcher` (sample URLs expire after 10 minutes). One image
+:class:`~router.fetch.SafeFetcher` (sample URLs expire after 10 minutes) and passes it through the
+one check every output passes (:func:`providers.vendor.output_image`). One image
 per task: ``n > 1`` fans out. Inpainting (flux-pro-1.0-fill) takes a white = repaint
 mask; flux-kontext-pro and flux-2-pro edit an init image. Regions are hosts: global, eu, us.
 
@@ -39,6 +40,7 @@ from providers.vendor import (
     download_paid,
     fan_out,
     known_models,
+    output_image,
     seed_for,
     status_error,
 )
@@ -54,13 +56,16 @@ from router.errors import (
 )
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules, parse_ratio
-from router.images import ab64, amask_png, image_size, load_bytes, mask_to_white_repaint, sniff_mime
+from router.images import ab64, amask_png, image_size, load_bytes, mask_to_white_repaint
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
-REGION_HOSTS: dict[str, str] = {"global": "https://api.bfl.ai", "eu": "https://api.eu.bfl.ai",
-                                "us": "https://api.us.bfl.ai"}
+REGION_HOSTS: dict[str, str] = {
+    "global": "https://api.bfl.ai",
+    "eu": "https://api.eu.bfl.ai",
+    "us": "https://api.us.bfl.ai",
+}
 MODELS = ("flux-pro-1.1", "flux-kontext-pro", "flux-pro-1.0-fill", "flux-pro-1.1-ultra", "flux-2-pro")
 _OPTIONS = frozenset({"safety_tolerance", "output_format", "prompt_upsampling", "raw"})
 _FORMATS = frozenset({"png", "jpeg"})
@@ -84,43 +89,72 @@ class Geometry:
 _GEOMETRY: dict[str, Geometry] = {
     # FluxPro11Inputs.width/height: integer, multipleOf 32, minimum 256, maximum 1440
     # (https://docs.bfl.ai/api-reference/tasks/generate-an-image-with-flux-11-[pro], from https://api.bfl.ai/openapi.json)
-    "flux-pro-1.1": Geometry("size", SizeRules(multiple=32, min_side=256, max_side=1440, max_pixels=1440 * 1440,
-                                               max_ratio=1440 / 256, native=(1024, 1024)),
-                             "width and height multiples of 32, 256-1440 px each"),
+    "flux-pro-1.1": Geometry(
+        "size",
+        SizeRules(
+            multiple=32, min_side=256, max_side=1440, max_pixels=1440 * 1440, max_ratio=1440 / 256, native=(1024, 1024)
+        ),
+        "width and height multiples of 32, 256-1440 px each",
+    ),
     # FLUX.2 [pro]: width/height >= 64 and multiples of 16 (BFL's SDK, github.com/black-forest-labs/blackforest
     # src/blackforest/types/inputs/flux_pro_2.py; github.com/black-forest-labs/skills bfl-api/references/endpoints.md
     # "Minimum: 64x64, Maximum: 4MP total, Multiple of: 16"); "Maximum 4 megapixels (e.g., 2048 × 2048) … Aspect ratio:
     # Any" (https://help.bfl.ai/articles/1691577414-can-i-generate-different-aspect-ratios-compared-to-what-the-input-image-is)
-    "flux-2-pro": Geometry("size", SizeRules(multiple=16, min_side=64, max_side=4 * MEGAPIXEL // 64,
-                                             max_pixels=4 * MEGAPIXEL, max_ratio=4 * MEGAPIXEL / 64**2,
-                                             native=(1024, 1024)),
-                           "width and height multiples of 16, at least 64 px, at most 4 MP (2048x2048)"),
+    "flux-2-pro": Geometry(
+        "size",
+        SizeRules(
+            multiple=16,
+            min_side=64,
+            max_side=4 * MEGAPIXEL // 64,
+            max_pixels=4 * MEGAPIXEL,
+            max_ratio=4 * MEGAPIXEL / 64**2,
+            native=(1024, 1024),
+        ),
+        "width and height multiples of 16, at least 64 px, at most 4 MP (2048x2048)",
+    ),
     # aspect_ratio "between 21:9 and 9:21" (FluxUltraInput, https://api.bfl.ai/openapi.json); "Generate up to 4MP"
     # (https://docs.bfl.ai/flux_models/flux_1_1_pro_ultra_raw). The rounding of its sides is unpublished: multiples
     # of 32, as BFL's 1536x2688 examples there are.
-    "flux-pro-1.1-ultra": Geometry("ratio", SizeRules(multiple=32, min_side=256, max_side=4096,
-                                                      max_pixels=8 * MEGAPIXEL, max_ratio=21 / 9,
-                                                      native=(2048, 2048)),
-                                   "an aspect_ratio between 9:21 and 21:9 at about 4 MP", area=4 * MEGAPIXEL),
+    "flux-pro-1.1-ultra": Geometry(
+        "ratio",
+        SizeRules(
+            multiple=32, min_side=256, max_side=4096, max_pixels=8 * MEGAPIXEL, max_ratio=21 / 9, native=(2048, 2048)
+        ),
+        "an aspect_ratio between 9:21 and 21:9 at about 4 MP",
+        area=4 * MEGAPIXEL,
+    ),
     # FluxKontextProInputs.aspect_ratio "between 21:9 and 9:21" (https://api.bfl.ai/openapi.json); "Kontext outputs at
     # a fixed ~1MP resolution … nearest multiples of 32 pixels" (help.bfl.ai article above)
-    "flux-kontext-pro": Geometry("ratio", SizeRules(multiple=32, min_side=256, max_side=2048,
-                                                    max_pixels=2 * MEGAPIXEL, max_ratio=21 / 9,
-                                                    native=(1024, 1024)),
-                                 "an aspect_ratio between 9:21 and 21:9 at about 1 MP", area=MEGAPIXEL),
+    "flux-kontext-pro": Geometry(
+        "ratio",
+        SizeRules(
+            multiple=32, min_side=256, max_side=2048, max_pixels=2 * MEGAPIXEL, max_ratio=21 / 9, native=(1024, 1024)
+        ),
+        "an aspect_ratio between 9:21 and 21:9 at about 1 MP",
+        area=MEGAPIXEL,
+    ),
     # FluxProFillInputs has no size field and "The mask should be the same dimensions as the image": the output is
     # the image's size (https://api.bfl.ai/openapi.json, docs.bfl.ai API reference "Generate an image with FLUX.1
     # Fill [pro] using an input image and mask")
-    "flux-pro-1.0-fill": Geometry("image", SizeRules(multiple=1, min_side=64, max_side=8192, max_pixels=8192**2,
-                                                     max_ratio=128.0, native=(1024, 1024)),
-                                  "the init image's own size"),
+    "flux-pro-1.0-fill": Geometry(
+        "image",
+        SizeRules(multiple=1, min_side=64, max_side=8192, max_pixels=8192**2, max_ratio=128.0, native=(1024, 1024)),
+        "the init image's own size",
+    ),
 }
 _RATIO_RANGE = (9 / 21, 21 / 9)
 
 
 def _caps(model: str, tasks: set[Task], quality: float, **kw: Any) -> Capabilities:
-    return Capabilities(tasks=frozenset(tasks), sizes=_GEOMETRY[model].rules, max_n=8, seed=True, quality=quality,
-                        output_formats=_FORMATS, **kw)
+    return Capabilities(
+        tasks=frozenset(tasks),
+        sizes=_GEOMETRY[model].rules,
+        max_n=8,
+        seed=True,
+        quality=quality,
+        output_formats=_FORMATS,
+        **kw,
+    )
 
 
 _CAPS: dict[str, Capabilities] = {
@@ -223,8 +257,10 @@ class BFLProvider(Provider):
             warnings.append("idempotency_key not sent: the BFL API has no idempotency keys")
         option_fmt = options.get("output_format")
         if option_fmt is not None and option_fmt != request.output_format:
-            warnings.append(f"output_format {request.output_format} replaced by provider_options "
-                            f"{self.name}.output_format {option_fmt}")
+            warnings.append(
+                f"output_format {request.output_format} replaced by provider_options "
+                f"{self.name}.output_format {option_fmt}"
+            )
         return Plan(size, tuple(([size.warning] if size.warning else []) + warnings))
 
     def _sized_plan(self, request: ImageRequest, model: str) -> SizePlan:
@@ -235,22 +271,30 @@ class BFLProvider(Provider):
             if rules.allows(request.width, request.height):
                 return SizePlan(request.width, request.height)
             w, h = rules.nearest(request.width, request.height)
-            return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes "
-                                  f"{geometry.rule}", False)
+            return SizePlan(
+                w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes {geometry.rule}", False
+            )
         if request.aspect_ratio is not None:
             asked = parse_ratio(request.aspect_ratio)
             w, h = rules.for_ratio(asked)
             if abs(math.log((w / h) / asked)) > 0.02:
-                return SizePlan(w, h, f"aspect ratio {request.aspect_ratio} adapted to {w}x{h}: {model} takes "
-                                      f"{geometry.rule}", False)
+                return SizePlan(
+                    w,
+                    h,
+                    f"aspect ratio {request.aspect_ratio} adapted to {w}x{h}: {model} takes {geometry.rule}",
+                    False,
+                )
             return SizePlan(w, h)
         src = request.init_image
         if model == "flux-2-pro" and src is not None and src.width and src.height:
             # an edit keeps the init image's shape by default
             w, h = rules.nearest(src.width, src.height)
             if (w, h) != (src.width, src.height):
-                return SizePlan(w, h, f"output {w}x{h}: the init image's {src.width}x{src.height} on {model}'s rule "
-                                      f"({geometry.rule})")
+                return SizePlan(
+                    w,
+                    h,
+                    f"output {w}x{h}: the init image's {src.width}x{src.height} on {model}'s rule ({geometry.rule})",
+                )
             return SizePlan(w, h)
         return SizePlan(*rules.native)
 
@@ -260,12 +304,24 @@ class BFLProvider(Provider):
             return SizePlan(*_GEOMETRY[model].rules.native)
         asked = (request.width, request.height)
         if request.width is not None and asked != (src.width, src.height):
-            return SizePlan(src.width, src.height, f"size {request.width}x{request.height} adapted to "
-                            f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}", False)
-        if request.aspect_ratio is not None and abs(math.log(parse_ratio(request.aspect_ratio)
-                                                             / (src.width / src.height))) > 0.02:
-            return SizePlan(src.width, src.height, f"aspect ratio {request.aspect_ratio} adapted to "
-                            f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}", False)
+            return SizePlan(
+                src.width,
+                src.height,
+                f"size {request.width}x{request.height} adapted to "
+                f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}",
+                False,
+            )
+        if (
+            request.aspect_ratio is not None
+            and abs(math.log(parse_ratio(request.aspect_ratio) / (src.width / src.height))) > 0.02
+        ):
+            return SizePlan(
+                src.width,
+                src.height,
+                f"aspect ratio {request.aspect_ratio} adapted to "
+                f"{src.width}x{src.height}: {model} makes {_GEOMETRY[model].rule}",
+                False,
+            )
         return SizePlan(src.width, src.height)
 
     def _ratio_plan(self, request: ImageRequest, model: str) -> SizePlan:
@@ -274,11 +330,11 @@ class BFLProvider(Provider):
         clamped = min(max(ratio, _RATIO_RANGE[0]), _RATIO_RANGE[1])
         w, h = ratio_size(clamped, geometry.area, geometry.multiple)
         if request.width is not None and (request.width, request.height) != (w, h):
-            return SizePlan(w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes "
-                                  f"{geometry.rule}", False)
+            return SizePlan(
+                w, h, f"size {request.width}x{request.height} adapted to {w}x{h}: {model} takes {geometry.rule}", False
+            )
         if abs(math.log(clamped / ratio)) > 0.02:
-            return SizePlan(w, h, f"aspect ratio {ratio:.2f} adapted to {w}x{h}: {model} takes {geometry.rule}",
-                            False)
+            return SizePlan(w, h, f"aspect ratio {ratio:.2f} adapted to {w}x{h}: {model} takes {geometry.rule}", False)
         return SizePlan(w, h)
 
     # --- cost --------------------------------------------------------------------
@@ -293,8 +349,13 @@ class BFLProvider(Provider):
             # an input image not fetched yet: count it at the 4 MP BFL resizes inputs to, at worst
             worst = self._credits(row, model, (size.width, size.height), [(2048, 2048)])
         usd = row.rate("usd_per_credit")
-        return Estimate(per_image * request.n * usd, float(row.rates.get("latency_s", 10.0)), "credits",
-                        per_image * request.n, max_cost_usd=worst * request.n * usd if worst != per_image else None)
+        return Estimate(
+            per_image * request.n * usd,
+            float(row.rates.get("latency_s", 10.0)),
+            "credits",
+            per_image * request.n,
+            max_cost_usd=worst * request.n * usd if worst != per_image else None,
+        )
 
     @staticmethod
     def _input_sizes(request: ImageRequest, model: str) -> list[tuple[int, int] | None]:
@@ -305,8 +366,9 @@ class BFLProvider(Provider):
         return [(src.width, src.height) if src.width and src.height else None]
 
     @staticmethod
-    def _credits(row: PriceRow, model: str, output: tuple[int, int],
-                 inputs: Sequence[tuple[int, int] | None]) -> Decimal:
+    def _credits(
+        row: PriceRow, model: str, output: tuple[int, int], inputs: Sequence[tuple[int, int] | None]
+    ) -> Decimal:
         """Credits for one task at the price table's rates."""
         if "credits_first_mp" not in row.rates:
             return row.rate("credits_per_image")
@@ -317,8 +379,14 @@ class BFLProvider(Provider):
             credits += (started_megapixels(*size) if size else 1) * row.rate("credits_per_input_mp")
         return credits
 
-    def _bill(self, model: str, task_id: str, submitted: Mapping[str, Any], output: tuple[int, int],
-              inputs: Sequence[tuple[int, int] | None]) -> tuple[Billing, str | None]:
+    def _bill(
+        self,
+        model: str,
+        task_id: str,
+        submitted: Mapping[str, Any],
+        output: tuple[int, int],
+        inputs: Sequence[tuple[int, int] | None],
+    ) -> tuple[Billing, str | None]:
         """A Ready task's bill: the ``cost`` BFL reported for it (AsyncResponse.cost, "Cost in credits for this
         request", https://api.bfl.ai/openapi.json), else the price table's; and a warning where they differ."""
         row = self.price_row(model)
@@ -329,10 +397,15 @@ class BFLProvider(Provider):
         credits = table if credits == table else credits
         warning = None
         if credits != table:
-            warning = (f"BFL billed {_num(credits)} credits for task {task_id}; the price table "
-                       f"({self.prices.version}) expects {_num(table)}")
-        details: dict[str, Any] = {"credits": _num(credits), "tasks": [task_id],
-                                   "billed_by": "vendor" if by_vendor else "price table"}
+            warning = (
+                f"BFL billed {_num(credits)} credits for task {task_id}; the price table "
+                f"({self.prices.version}) expects {_num(table)}"
+            )
+        details: dict[str, Any] = {
+            "credits": _num(credits),
+            "tasks": [task_id],
+            "billed_by": "vendor" if by_vendor else "price table",
+        }
         for key in ("output_mp", "input_mp"):
             if isinstance(submitted.get(key), int | float):
                 details[key] = submitted[key]
@@ -351,8 +424,9 @@ class BFLProvider(Provider):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(headers={"x-key": self._key.value(), "accept": "application/json"},
-                                             follow_redirects=False)
+            self._client = httpx.AsyncClient(
+                headers={"x-key": self._key.value(), "accept": "application/json"}, follow_redirects=False
+            )
         return self._client
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
@@ -381,17 +455,21 @@ class BFLProvider(Provider):
             raise charged(error, combine(ready) if ready else None) from None
         ids = [task_id for task_id, _ in fan.done]
         billing = combine(ready)
-        return ProviderResponse([img for _, img in fan.done], model, billing, ids[0],
-                                warnings=(*warnings, *fan.warnings(request.n)))
+        return ProviderResponse(
+            [img for _, img in fan.done], model, billing, ids[0], warnings=(*warnings, *fan.warnings(request.n))
+        )
 
-    async def _body(self, request: ImageRequest, model: str,
-                    plan: Plan) -> tuple[dict[str, Any], list[tuple[int, int] | None]]:
+    async def _body(
+        self, request: ImageRequest, model: str, plan: Plan
+    ) -> tuple[dict[str, Any], list[tuple[int, int] | None]]:
         """The task's JSON body, and the sizes of the input images BFL bills (FLUX.2)."""
         options = request.provider_options.get(self.name, {})
         fmt = request.output_format if request.output_format in _FORMATS else "png"
-        body: dict[str, Any] = {"prompt": request.prompt, "output_format": fmt,
-                                **{k: v for k, v in options.items()
-                                   if k in _OPTIONS and (k != "raw" or model == "flux-pro-1.1-ultra")}}
+        body: dict[str, Any] = {
+            "prompt": request.prompt,
+            "output_format": fmt,
+            **{k: v for k, v in options.items() if k in _OPTIONS and (k != "raw" or model == "flux-pro-1.1-ultra")},
+        }
         inputs: list[tuple[int, int] | None] = []
         if request.seed is not None:
             body["seed"] = request.seed
@@ -400,8 +478,7 @@ class BFLProvider(Provider):
             if request.init_image is None or request.mask_image is None:
                 raise InvalidRequestError(f"{model} needs init_image and mask_image", provider=self.name)
             image = await load_bytes(request.init_image, fetcher=self._fetcher)
-            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint,
-                                   fetcher=self._fetcher)
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint, fetcher=self._fetcher)
             body |= {"image": await ab64(image), "mask": await ab64(mask)}
             if request.steps is not None:
                 body["steps"] = request.steps
@@ -420,17 +497,26 @@ class BFLProvider(Provider):
             body |= {"width": plan.size.width, "height": plan.size.height}
         return body, inputs
 
-    async def _task(self, host: str, model: str, body: dict[str, Any], out: tuple[int, int],
-                    inputs: list[tuple[int, int] | None], deadline: float, ready: list[Billing],
-                    warnings: list[str]) -> tuple[str, GeneratedImage]:
+    async def _task(
+        self,
+        host: str,
+        model: str,
+        body: dict[str, Any],
+        out: tuple[int, int],
+        inputs: list[tuple[int, int] | None],
+        deadline: float,
+        ready: list[Billing],
+        warnings: list[str],
+    ) -> tuple[str, GeneratedImage]:
         client = self._http()
         submitted = await self._json(client.post(f"{host}/v1/{model}", json=body), None)
         task_id, polling_url = submitted.get("id"), submitted.get("polling_url")
         if not isinstance(task_id, str) or not isinstance(polling_url, str):
             raise MalformedResponse("submission answered without id and polling_url", provider=self.name)
         if not _same_service(polling_url, host):
-            raise MalformedResponse("polling_url points outside the API's hosts; not sent the key",
-                                    provider=self.name, request_id=task_id)
+            raise MalformedResponse(
+                "polling_url points outside the API's hosts; not sent the key", provider=self.name, request_id=task_id
+            )
         polled = await self._until_ready(client, polling_url, task_id)
         # Ready: BFL has billed the task ("Only successful generations (status: Ready) consume credits",
         # https://help.bfl.ai/articles/4212278032-my-prompt-is-getting-moderated). From here on every failure
@@ -445,12 +531,18 @@ class BFLProvider(Provider):
             if not isinstance(sample, str):
                 raise MalformedResponse("Ready task without result.sample", provider=self.name, request_id=task_id)
             data = await self._download(client, polling_url, task_id, sample, deadline)
-            w, h = image_size(data)
+            # the one check every output passes: the caps user images have, decoded whole, off the loop
+            mime, w, h = await output_image(data, provider=self.name, request_id=task_id)
         except ImageRouterError as exc:
             raise charged(exc, billing) from None
         seed = result.get("seed") if isinstance(result, dict) else None
-        image = GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h,
-                               seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+        image = GeneratedImage(
+            data=data,
+            mime=mime,
+            width=w,
+            height=h,
+            seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        )
         return task_id, image
 
     async def _until_ready(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> dict[str, Any]:
@@ -481,13 +573,21 @@ class BFLProvider(Provider):
                 raise ProviderUnavailable("the provider lost the task", **kw)
             raise MalformedResponse(f"unknown task status {str(status)[:40]!r}", **kw)
 
-    async def _download(self, client: httpx.AsyncClient, polling_url: str, task_id: str, sample: str,
-                        deadline: float) -> bytes:
+    async def _download(
+        self, client: httpx.AsyncClient, polling_url: str, task_id: str, sample: str, deadline: float
+    ) -> bytes:
         """The sample's bytes (the task is billed): downloaded again after a failure, with a fresh sample URL
         from the polling URL when it gives one; the task is never re-run."""
-        return await download_paid(self._fetcher, sample, provider=self.name, request_id=task_id, deadline=deadline,
-                                   attempts=self._download_attempts, backoff_s=self._download_backoff_s,
-                                   fresh_url=lambda: self._fresh_sample(client, polling_url, task_id))
+        return await download_paid(
+            self._fetcher,
+            sample,
+            provider=self.name,
+            request_id=task_id,
+            deadline=deadline,
+            attempts=self._download_attempts,
+            backoff_s=self._download_backoff_s,
+            fresh_url=lambda: self._fresh_sample(client, polling_url, task_id),
+        )
 
     async def _fresh_sample(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> str | None:
         """The sample URL a new poll of a Ready task gives, or None."""
@@ -506,13 +606,15 @@ class BFLProvider(Provider):
             raise connection_error(exc, provider=self.name, request_id=task_id) from None
         if response.status_code != 200:
             text, code = _detail(response)
-            raise status_error(response.status_code, text, provider=self.name, code=code, request_id=task_id,
-                               headers=response.headers)
+            raise status_error(
+                response.status_code, text, provider=self.name, code=code, request_id=task_id, headers=response.headers
+            )
         try:
             payload = response.json()
         except ValueError:
-            raise MalformedResponse("response body is not JSON", provider=self.name, status_code=200,
-                                    request_id=task_id) from None
+            raise MalformedResponse(
+                "response body is not JSON", provider=self.name, status_code=200, request_id=task_id
+            ) from None
         if not isinstance(payload, dict):
             raise MalformedResponse("response body is not a JSON object", provider=self.name, request_id=task_id)
         return payload

@@ -6,9 +6,10 @@ from the response's ``usage`` tokens. The SDK runs with ``max_retries=0``: the
 router owns retries.
 
 A 200 answer is billed by OpenAI whatever its images hold (the bill is its ``usage``): an
-image that does not decode (bad base64, not an image, a decompression-bomb header) is
-dropped with a warning, and when none is left the error carries that bill
-(:func:`providers.vendor.charged`), so the router settles it and tries the next candidate.
+image that fails the one check every output passes (:func:`providers.vendor.output_image`: bad
+base64, not an image, a decompression bomb, a truncated file) is dropped with a warning, and
+when none is left the error carries that bill (:func:`providers.vendor.charged`), so the
+router settles it and tries the next candidate.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import ApiKey, charged, connection_error, status_error
+from providers.vendor import ApiKey, charged, connection_error, output_image, status_error
 from router.errors import (
     ContentPolicyError,
     ImageRouterError,
@@ -42,7 +43,6 @@ from router.images import (
     image_size,
     load_bytes,
     mask_to_alpha_repaint,
-    probe_whole,
 )
 from router.prices import PriceRow, PriceTable
 from router.request import ImageRequest
@@ -50,6 +50,8 @@ from router.result import GeneratedImage
 
 if TYPE_CHECKING:
     import openai
+
+    from router.fetch import SafeFetcher
 
 REGIONS = ("global", "us", "eu", "ae", "au", "in", "jp")
 MODELS = ("gpt-image-2",)
@@ -59,8 +61,13 @@ _GENERATION_OPTIONS = _COMMON_OPTIONS | {"moderation"}
 _EDIT_OPTIONS = _COMMON_OPTIONS | {"input_fidelity"}
 _OPTIONS = _GENERATION_OPTIONS | _EDIT_OPTIONS
 _SIZES = SizeRules(
-    multiple=16, min_side=256, max_side=3840, min_pixels=655_360, max_pixels=3840 * 2160,
-    max_ratio=3.0, native=(1024, 1024),
+    multiple=16,
+    min_side=256,
+    max_side=3840,
+    min_pixels=655_360,
+    max_pixels=3840 * 2160,
+    max_ratio=3.0,
+    native=(1024, 1024),
 )
 _CAPS = Capabilities(
     tasks=frozenset({"txt2img", "img2img", "inpaint"}),
@@ -76,7 +83,8 @@ class OpenAIProvider(Provider):
 
     ``api_key`` defaults to ``OPENAI_API_KEY``. Without ``base_url`` the provider
     serves every residency region through the SDK's ``data_residency`` hosts;
-    ``region_base_urls`` maps regions to other endpoints (a proxy, a sandbox).
+    ``region_base_urls`` maps regions to other endpoints (a proxy, a sandbox). ``fetcher``
+    downloads init and mask images given by URL (default: a :class:`~router.fetch.SafeFetcher`).
     """
 
     kind = "openai"
@@ -91,9 +99,11 @@ class OpenAIProvider(Provider):
         models: Sequence[str] = MODELS,
         quality: float = 0.9,
         prices: PriceTable | None = None,
+        fetcher: SafeFetcher | None = None,
     ) -> None:
         super().__init__(name=name, prices=prices)
         self._key = ApiKey(api_key, "OPENAI_API_KEY")
+        self._fetcher = fetcher
         self._base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self._region_urls = dict(region_base_urls or {})
         unknown = set(self._region_urls) - set(REGIONS)
@@ -125,15 +135,24 @@ class OpenAIProvider(Provider):
         base = super().plan(request, model)
         allowed = _options_for(request)
         endpoint = "edits" if request.init_image is not None else "generations"
-        misplaced = tuple(f"provider_options.{self.name}.{k} does not apply to {endpoint}; ignored"
-                          for k in request.provider_options.get(self.name, {}) if k in _OPTIONS - allowed)
+        misplaced = tuple(
+            f"provider_options.{self.name}.{k} does not apply to {endpoint}; ignored"
+            for k in request.provider_options.get(self.name, {})
+            if k in _OPTIONS - allowed
+        )
         base = Plan(base.size, base.warnings + misplaced)
         if request.width is None and request.aspect_ratio is None and request.init_image is not None:
             src = request.init_image
             if src.width and src.height:
                 size = plan_size(src.width, src.height, None, _SIZES)
-                note = () if size.exact else (f"output size {size.width}x{size.height}: the nearest shape "
-                                              f"{model} makes to the init image's {src.width}x{src.height}",)
+                note = (
+                    ()
+                    if size.exact
+                    else (
+                        f"output size {size.width}x{size.height}: the nearest shape "
+                        f"{model} makes to the init image's {src.width}x{src.height}",
+                    )
+                )
                 return Plan(size, base.warnings + note)
         return base
 
@@ -208,12 +227,12 @@ class OpenAIProvider(Provider):
         client = self._client(self._region(request))
         try:
             if request.init_image is None:
-                raw = await client.images.with_raw_response.generate(
-                    **params, timeout=timeout_s, extra_headers=headers)
+                raw = await client.images.with_raw_response.generate(**params, timeout=timeout_s, extra_headers=headers)
             else:
                 files = await self._edit_files(request)
                 raw = await client.images.with_raw_response.edit(
-                    **params, **files, timeout=timeout_s, extra_headers=headers)
+                    **params, **files, timeout=timeout_s, extra_headers=headers
+                )
         except ImageRouterError:
             raise
         except Exception as exc:
@@ -222,16 +241,20 @@ class OpenAIProvider(Provider):
         try:
             body = raw.parse()
         except Exception as exc:  # a 200 whose body is not the API's JSON: no usage to settle from
-            raise MalformedResponse(f"response body unreadable ({type(exc).__name__})", provider=self.name,
-                                    status_code=raw.status_code, request_id=request_id) from None
+            raise MalformedResponse(
+                f"response body unreadable ({type(exc).__name__})",
+                provider=self.name,
+                status_code=raw.status_code,
+                request_id=request_id,
+            ) from None
         return await self._response(body, request_id, model, request.output_format)
 
     async def _edit_files(self, request: ImageRequest) -> dict[str, Any]:
         assert request.init_image is not None
-        image = await load_bytes(request.init_image)
+        image = await load_bytes(request.init_image, fetcher=self._fetcher)
         files: dict[str, Any] = {"image": ("image.png", image, request.init_image.mime or "image/png")}
         if request.mask_image is not None:
-            mask = await amask_png(request.mask_image, image_size(image), mask_to_alpha_repaint)
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_alpha_repaint, fetcher=self._fetcher)
             files["mask"] = ("mask.png", mask, "image/png")
         return files
 
@@ -245,20 +268,32 @@ class OpenAIProvider(Provider):
             try:
                 text = getattr(item, "b64_json", None) or ""
                 data = await ab64decode(text, what="b64_json")
-                # checked by its header and its end (format, caps, not truncated), not decoded: decoding
-                # would double the CPU every answer costs, and whoever uses the pixels decodes them anyway
-                mime, width, height = probe_whole(data, what="response image")
             except (TypeError, ValueError, ImageDecodeError) as exc:
                 problems.append(type(exc).__name__)
                 continue
+            try:  # the one check every output passes: the caps user images have, decoded whole, off the loop
+                mime, width, height = await output_image(
+                    data, provider=self.name, request_id=request_id, status_code=200
+                )
+            except MalformedResponse as exc:
+                problems.append(exc.message)
+                continue
             images.append(GeneratedImage(data=data, mime=mime, width=width, height=height))
         if not images:
-            what = f"response images unreadable ({', '.join(sorted(set(problems)))})" if problems else \
-                "response held no images"
-            raise charged(MalformedResponse(what, provider=self.name, status_code=200, request_id=request_id),
-                          billing)
-        warnings = (f"{len(images)} of {len(items)} images returned: {len(problems)} unreadable "
-                    f"({', '.join(sorted(set(problems)))}), billed by OpenAI all the same",) if problems else ()
+            what = (
+                f"response images unreadable ({', '.join(sorted(set(problems)))})"
+                if problems
+                else "response held no images"
+            )
+            raise charged(MalformedResponse(what, provider=self.name, status_code=200, request_id=request_id), billing)
+        warnings = (
+            (
+                f"{len(images)} of {len(items)} images returned: {len(problems)} unreadable "
+                f"({', '.join(sorted(set(problems)))}), billed by OpenAI all the same",
+            )
+            if problems
+            else ()
+        )
         return ProviderResponse(images, model, billing, request_id, warnings=warnings)
 
     def _billing(self, body: Any, model: str, request_id: str | None) -> Billing:
@@ -274,8 +309,12 @@ class OpenAIProvider(Provider):
             out = int(usage.output_tokens)
             total = int(usage.total_tokens)
         except (TypeError, ValueError, AttributeError):
-            raise MalformedResponse("response has no readable usage: cannot settle the cost", provider=self.name,
-                                    status_code=200, request_id=request_id) from None
+            raise MalformedResponse(
+                "response has no readable usage: cannot settle the cost",
+                provider=self.name,
+                status_code=200,
+                request_id=request_id,
+            ) from None
         return Billing(
             cost_usd=_token_cost(row, text, image_in, out),
             unit="tokens",
@@ -346,8 +385,11 @@ class SdkError:
 
     @property
     def text(self) -> str:
-        return f"HTTP {self.status}" + (f" {self.code}" if self.code else "") + (
-            f": {self.message}" if self.message else "")
+        return (
+            f"HTTP {self.status}"
+            + (f" {self.code}" if self.code else "")
+            + (f": {self.message}" if self.message else "")
+        )
 
     def as_(self, kind: type[ImageRouterError], provider: str) -> ImageRouterError:
         """This error as ``kind`` (a vendor code that means more than its status)."""
@@ -355,8 +397,9 @@ class SdkError:
 
     def mapped(self, provider: str) -> ImageRouterError:
         """This error by its HTTP status (:func:`providers.vendor.status_error`)."""
-        return status_error(self.status, self.text, provider=provider, code=self.code, request_id=self.request_id,
-                            headers=self.headers)
+        return status_error(
+            self.status, self.text, provider=provider, code=self.code, request_id=self.request_id, headers=self.headers
+        )
 
 
 def sdk_missing(module: str) -> str | None:
@@ -368,8 +411,9 @@ def sdk_missing(module: str) -> str | None:
     return None
 
 
-def sdk_error(exc: Exception, provider: str, sdk: Any,
-              vendor_kind: Callable[[SdkError], type[ImageRouterError] | None]) -> ImageRouterError:
+def sdk_error(
+    exc: Exception, provider: str, sdk: Any, vendor_kind: Callable[[SdkError], type[ImageRouterError] | None]
+) -> ImageRouterError:
     """An exception of a Stainless-generated SDK (``openai``, ``together``: the same exception classes)
     as the router's error; nothing of the request is copied.
 
@@ -379,8 +423,9 @@ def sdk_error(exc: Exception, provider: str, sdk: Any,
     if isinstance(exc, sdk.APIConnectionError):  # its APITimeoutError included
         return connection_error(exc, provider=provider)
     if isinstance(exc, sdk.APIResponseValidationError):
-        return MalformedResponse("response does not follow the API's shape", provider=provider,
-                                 status_code=getattr(exc, "status_code", None))
+        return MalformedResponse(
+            "response does not follow the API's shape", provider=provider, status_code=getattr(exc, "status_code", None)
+        )
     if isinstance(exc, sdk.APIStatusError):
         err = SdkError.of(exc)
         kind = vendor_kind(err)

@@ -4,9 +4,11 @@
 runs out the prediction comes back ``starting``/``processing`` and the provider polls
 ``GET /v1/predictions/{id}`` until it ends, cancelling it when the deadline passes.
 Outputs are URLs that expire: they are downloaded at once through the
-:class:`~router.fetch.SafeFetcher`. Official models cost the price table's per-output
-rate; pinned versions (``POST /v1/predictions {version, input}``) cost
-``metrics.predict_time`` × the hardware's $/s.
+:class:`~router.fetch.SafeFetcher` and pass the one check every output passes
+(:func:`providers.vendor.output_image`). Input images are sent as bytes, never as the
+user's URL; a LoRA given by URL is sent by URL, its redirects followed and every hop checked.
+Official models cost the price table's per-output rate; pinned versions (``POST
+/v1/predictions {version, input}``) cost ``metrics.predict_time`` × the hardware's $/s.
 
 Paid work is never paid twice: once a prediction has succeeded its outputs are downloaded
 again (a few times, inside the deadline, re-reading the prediction between tries), never
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import io
 import os
 import re
@@ -46,8 +49,11 @@ from providers.vendor import (
     download_paid,
     fan_out,
     known_models,
+    looks_like_url,
+    output_image,
     seed_for,
     status_error,
+    vendor_fetched_url,
 )
 from router.errors import (
     ContentPolicyError,
@@ -63,7 +69,6 @@ from router.errors import (
 from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules
 from router.images import (
-    ImageDecodeError,
     adata_url,
     amask_png,
     image_size,
@@ -77,16 +82,25 @@ from router.result import GeneratedImage
 
 # The shapes FLUX models on Replicate make for each ``aspect_ratio``.
 RATIO_SIZES: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
-    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
 _BY_SIZE = {size: ratio for ratio, size in RATIO_SIZES.items()}
 _SIZES = SizeRules(fixed=tuple(RATIO_SIZES.values()), native=(1024, 1024))
 _FORMATS = frozenset({"png", "jpeg", "webp"})
 _FORMAT_SENT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-_OPTIONS = frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker", "safety_tolerance",
-                      "prompt_upsampling"})
+_OPTIONS = frozenset(
+    {"go_fast", "megapixels", "output_quality", "disable_safety_checker", "safety_tolerance", "prompt_upsampling"}
+)
 
 # The six prediction statuses; the last four are final. "canceled": cancelled by a user or its deadline while
 # running; "aborted": ended before it started running.
@@ -144,48 +158,114 @@ _PRO_OPTIONS = frozenset({"safety_tolerance", "prompt_upsampling"})
 
 
 def _control_model(ref: str, kind: str) -> CatalogEntry:
-    caps = Capabilities(tasks=frozenset({"control"}), sizes=_INPUT_SHAPE, control_kinds=frozenset({kind}),
-                        max_controls=1, max_n=4, seed=True, steps=True, guidance=True, quality=0.8,
-                        output_formats=frozenset({"png", "jpeg"}))
+    caps = Capabilities(
+        tasks=frozenset({"control"}),
+        sizes=_INPUT_SHAPE,
+        control_kinds=frozenset({kind}),
+        max_controls=1,
+        max_n=4,
+        seed=True,
+        steps=True,
+        guidance=True,
+        quality=0.8,
+        output_formats=frozenset({"png", "jpeg"}),
+    )
     return CatalogEntry(ref, caps, steps_max=50, num_outputs=False, options=_PRO_OPTIONS, shape_from_input=True)
 
 
 CATALOG: dict[str, CatalogEntry] = {
     "flux-schnell": CatalogEntry(
         "black-forest-labs/flux-schnell",
-        Capabilities(tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=4, seed=True, steps=True, quality=0.6,
-                     output_formats=_FORMATS),
-        steps_max=4, options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"})),
+        Capabilities(
+            tasks=frozenset({"txt2img"}),
+            sizes=_SIZES,
+            max_n=4,
+            seed=True,
+            steps=True,
+            quality=0.6,
+            output_formats=_FORMATS,
+        ),
+        steps_max=4,
+        options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"}),
+    ),
     "flux-dev": CatalogEntry(
         "black-forest-labs/flux-dev",
-        Capabilities(tasks=frozenset({"txt2img", "img2img"}), sizes=_SIZES, max_n=4, seed=True, steps=True,
-                     guidance=True, strength=True, quality=0.75, output_formats=_FORMATS),
-        steps_max=50, options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"})),
+        Capabilities(
+            tasks=frozenset({"txt2img", "img2img"}),
+            sizes=_SIZES,
+            max_n=4,
+            seed=True,
+            steps=True,
+            guidance=True,
+            strength=True,
+            quality=0.75,
+            output_formats=_FORMATS,
+        ),
+        steps_max=50,
+        options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"}),
+    ),
     "flux-1.1-pro": CatalogEntry(
         "black-forest-labs/flux-1.1-pro",
-        Capabilities(tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=4, seed=True, quality=0.85,
-                     output_formats=_FORMATS),
-        num_outputs=False, options=frozenset({"output_quality", "safety_tolerance", "prompt_upsampling"})),
+        Capabilities(
+            tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=4, seed=True, quality=0.85, output_formats=_FORMATS
+        ),
+        num_outputs=False,
+        options=frozenset({"output_quality", "safety_tolerance", "prompt_upsampling"}),
+    ),
     "flux-dev-lora": CatalogEntry(
         "black-forest-labs/flux-dev-lora",
-        Capabilities(tasks=frozenset({"txt2img", "img2img"}), sizes=_SIZES, max_n=4, max_loras=1, seed=True,
-                     steps=True, guidance=True, strength=True, quality=0.75, output_formats=_FORMATS),
-        steps_max=50, options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"})),
+        Capabilities(
+            tasks=frozenset({"txt2img", "img2img"}),
+            sizes=_SIZES,
+            max_n=4,
+            max_loras=1,
+            seed=True,
+            steps=True,
+            guidance=True,
+            strength=True,
+            quality=0.75,
+            output_formats=_FORMATS,
+        ),
+        steps_max=50,
+        options=frozenset({"go_fast", "megapixels", "output_quality", "disable_safety_checker"}),
+    ),
     "flux-fill-pro": CatalogEntry(
         "black-forest-labs/flux-fill-pro",
-        Capabilities(tasks=frozenset({"inpaint"}), sizes=_INPUT_SHAPE, max_n=4, seed=True, steps=True,
-                     guidance=True, quality=0.85, output_formats=frozenset({"png", "jpeg"})),
-        steps_max=50, num_outputs=False, options=_PRO_OPTIONS, shape_from_input=True),
+        Capabilities(
+            tasks=frozenset({"inpaint"}),
+            sizes=_INPUT_SHAPE,
+            max_n=4,
+            seed=True,
+            steps=True,
+            guidance=True,
+            quality=0.85,
+            output_formats=frozenset({"png", "jpeg"}),
+        ),
+        steps_max=50,
+        num_outputs=False,
+        options=_PRO_OPTIONS,
+        shape_from_input=True,
+    ),
     "flux-canny-pro": _control_model("black-forest-labs/flux-canny-pro", "canny"),
     "flux-depth-pro": _control_model("black-forest-labs/flux-depth-pro", "depth"),
     "sdxl": CatalogEntry(
         "stability-ai/sdxl",
-        Capabilities(tasks=frozenset({"txt2img"}), sizes=SizeRules(multiple=8, min_side=128, max_side=1024,
-                                                                   max_pixels=1024 * 1024),
-                     max_n=4, seed=True, steps=True, guidance=True, negative_prompt=True, quality=0.55,
-                     output_formats=frozenset({"png"})),
-        steps_max=500, version="39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b",
-        hardware="hardware-gpu-h100", expected_predict_s=6.0),
+        Capabilities(
+            tasks=frozenset({"txt2img"}),
+            sizes=SizeRules(multiple=8, min_side=128, max_side=1024, max_pixels=1024 * 1024),
+            max_n=4,
+            seed=True,
+            steps=True,
+            guidance=True,
+            negative_prompt=True,
+            quality=0.55,
+            output_formats=frozenset({"png"}),
+        ),
+        steps_max=500,
+        version="39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b",
+        hardware="hardware-gpu-h100",
+        expected_predict_s=6.0,
+    ),
 }
 MODELS = tuple(CATALOG)
 
@@ -287,10 +367,15 @@ class ReplicateProvider(Provider):
             warnings = [w for w in warnings if not w.startswith(("size ", "aspect ratio "))]
             if source is not None and source.width and source.height:
                 if request.width is not None and (request.width, request.height) != (source.width, source.height):
-                    warnings.append(f"size {request.width}x{request.height} adapted to {source.width}x"
-                                    f"{source.height}: {model} keeps the input image's shape")
-                size = SizePlan(source.width, source.height, exact=request.width is None
-                                or (request.width, request.height) == (source.width, source.height))
+                    warnings.append(
+                        f"size {request.width}x{request.height} adapted to {source.width}x"
+                        f"{source.height}: {model} keeps the input image's shape"
+                    )
+                size = SizePlan(
+                    source.width,
+                    source.height,
+                    exact=request.width is None or (request.width, request.height) == (source.width, source.height),
+                )
         for control in request.controls:
             if control.scale != 1.0 or control.start != 0.0 or control.end != 1.0:
                 warnings.append(f"control scale/start/end ignored: {model} applies its {control.kind} map fully")
@@ -302,19 +387,26 @@ class ReplicateProvider(Provider):
         entry = CATALOG[model]
         if entry.version is not None:
             seconds = Decimal(str(entry.expected_predict_s))
-            return Estimate(self.price_row(entry.hardware).rate("usd_per_second") * seconds,
-                            entry.expected_predict_s + 1.0, "seconds", seconds)
+            return Estimate(
+                self.price_row(entry.hardware).rate("usd_per_second") * seconds,
+                entry.expected_predict_s + 1.0,
+                "seconds",
+                seconds,
+            )
         row = self.price_row(model)
         n = Decimal(request.n)
         return Estimate(row.rate("usd_per_output") * n, float(row.rates.get("latency_s", 5.0)), "outputs", n)
 
-    def _seconds_billing(self, model: str, pid: str, status: str, seconds: Decimal,
-                         predict_time: Any) -> Billing:
+    def _seconds_billing(self, model: str, pid: str, status: str, seconds: Decimal, predict_time: Any) -> Billing:
         entry = CATALOG[model]
         row = self.price_row(entry.hardware)
-        return Billing(row.rate("usd_per_second") * seconds, "seconds", seconds, self.prices.version,
-                       {"predictions": [pid], "status": status, "predict_time": [predict_time],
-                        "hardware": entry.hardware})
+        return Billing(
+            row.rate("usd_per_second") * seconds,
+            "seconds",
+            seconds,
+            self.prices.version,
+            {"predictions": [pid], "status": status, "predict_time": [predict_time], "hardware": entry.hardware},
+        )
 
     def _billing(self, model: str, pid: str, prediction: dict[str, Any], outputs: int) -> tuple[Billing, str | None]:
         """What a succeeded prediction costs, and a warning when a fact behind it had to be estimated.
@@ -328,14 +420,21 @@ class ReplicateProvider(Provider):
         if entry.version is not None:
             if predict_time is None:
                 seconds = Decimal(str(entry.expected_predict_s))
-                return (self._seconds_billing(model, pid, "succeeded", seconds, None),
-                        f"prediction {pid} reported no metrics.predict_time: its cost is estimated "
-                        f"({seconds} s at the {entry.hardware} rate)")
+                return (
+                    self._seconds_billing(model, pid, "succeeded", seconds, None),
+                    f"prediction {pid} reported no metrics.predict_time: its cost is estimated "
+                    f"({seconds} s at the {entry.hardware} rate)",
+                )
             return self._seconds_billing(model, pid, "succeeded", predict_time, float(predict_time)), None
         row = self.price_row(model)
         count = Decimal(outputs)
-        return Billing(row.rate("usd_per_output") * count, "outputs", count, self.prices.version,
-                       {"predictions": [pid], "predict_time": [_raw_predict_time(prediction)]}), None
+        return Billing(
+            row.rate("usd_per_output") * count,
+            "outputs",
+            count,
+            self.prices.version,
+            {"predictions": [pid], "predict_time": [_raw_predict_time(prediction)]},
+        ), None
 
     def _ran_billing(self, model: str, pid: str, prediction: dict[str, Any] | None) -> Billing | None:
         """What a prediction that did not succeed (failed, cancelled, given up) was billed, or None.
@@ -370,8 +469,11 @@ class ReplicateProvider(Provider):
             # router owns retries. The response hook keeps each answer's headers and body.
             self._transport = httpx.AsyncHTTPTransport()
             self._client = replicate.Client(
-                api_token=self._key.value(), base_url=self._base_url, follow_redirects=False,
-                mounts={"all://": self._transport}, event_hooks={"response": [_keep_answer]},
+                api_token=self._key.value(),
+                base_url=self._base_url,
+                follow_redirects=False,
+                mounts={"all://": self._transport},
+                event_hooks={"response": [_keep_answer]},
             )
         return self._client
 
@@ -407,26 +509,32 @@ class ReplicateProvider(Provider):
         elif entry.shape_from_input:
             inp["output_format"] = "jpg" if request.output_format == "jpeg" else "png"
         else:
-            inp |= {"aspect_ratio": _BY_SIZE[(plan.size.width, plan.size.height)],
-                    "output_format": _FORMAT_SENT.get(request.output_format, "png")}
+            inp |= {
+                "aspect_ratio": _BY_SIZE[(plan.size.width, plan.size.height)],
+                "output_format": _FORMAT_SENT.get(request.output_format, "png"),
+            }
         if entry.num_outputs:
             inp["num_outputs"] = request.n
         if request.seed is not None:
             inp["seed"] = request.seed
         if request.steps is not None and entry.caps.steps:
-            inp["steps" if entry.shape_from_input else "num_inference_steps"] = max(1, min(request.steps,
-                                                                                          entry.steps_max))
+            inp["steps" if entry.shape_from_input else "num_inference_steps"] = max(
+                1, min(request.steps, entry.steps_max)
+            )
         if request.guidance_scale is not None and entry.caps.guidance:
             inp["guidance_scale" if entry.version else "guidance"] = request.guidance_scale
         if request.loras and entry.caps.max_loras:
-            inp |= {"lora_weights": request.loras[0].ref, "lora_scale": request.loras[0].weight}
+            ref = request.loras[0].ref
+            if looks_like_url(ref):  # Replicate fetches the weights itself: it is sent the checked final URL
+                ref = await vendor_fetched_url(ref, self._fetcher, what="loras[0].ref", provider=self.name)
+            inp |= {"lora_weights": ref, "lora_scale": request.loras[0].weight}
         if request.controls and entry.caps.control_kinds:
             inp["control_image"] = await self._file_input(
-                await load_bytes(request.controls[0].image, fetcher=self._fetcher), deadline)
+                await load_bytes(request.controls[0].image, fetcher=self._fetcher), deadline
+            )
         if request.mask_image is not None and request.init_image is not None and "inpaint" in entry.caps.tasks:
             image = await load_bytes(request.init_image, fetcher=self._fetcher)
-            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint,
-                                   fetcher=self._fetcher)
+            mask = await amask_png(request.mask_image, image_size(image), mask_to_white_repaint, fetcher=self._fetcher)
             inp |= {"image": await self._file_input(image, deadline), "mask": await self._file_input(mask, deadline)}
         if request.init_image is not None and "img2img" in entry.caps.tasks:
             data = await load_bytes(request.init_image, fetcher=self._fetcher)
@@ -454,8 +562,9 @@ class ReplicateProvider(Provider):
             raise ProviderTimeout("no time left to upload the input file", provider=self.name)
         try:
             async with asyncio.timeout(remaining):  # the client sends uploads without a timeout of its own
-                body = await self._call(client.files.async_create(io.BytesIO(data), filename=name,
-                                                                  content_type=mime), None)
+                body = await self._call(
+                    client.files.async_create(io.BytesIO(data), filename=name, content_type=mime), None
+                )
         except TimeoutError:
             raise ProviderTimeout("the input file upload timed out", provider=self.name) from None
         urls = body.get("urls") if isinstance(body, dict) else None
@@ -479,9 +588,12 @@ class ReplicateProvider(Provider):
             now = time.monotonic()
             if now >= deadline:
                 final = await self._cancel(client, pid)
-                raise charged(ProviderTimeout(f"no result within {timeout_s:.1f}s; prediction canceled",
-                                              provider=self.name, request_id=pid),
-                              self._spent(model, pid, final, inp))
+                raise charged(
+                    ProviderTimeout(
+                        f"no result within {timeout_s:.1f}s; prediction canceled", provider=self.name, request_id=pid
+                    ),
+                    self._spent(model, pid, final, inp),
+                )
             await asyncio.sleep(min(self._poll_interval_s, deadline - now))
             try:
                 prediction = _prediction(await self._call(client.predictions.async_get(pid), pid), self.name, pid)
@@ -502,8 +614,9 @@ class ReplicateProvider(Provider):
             raise charged(_ended_error(prediction, self.name, pid), self._ran_billing(model, pid, prediction))
         return await self._collect(client, model, inp, prediction, deadline)
 
-    async def _collect(self, client: Any, model: str, inp: dict[str, Any], prediction: dict[str, Any],
-                       deadline: float) -> _Done:
+    async def _collect(
+        self, client: Any, model: str, inp: dict[str, Any], prediction: dict[str, Any], deadline: float
+    ) -> _Done:
         """The outputs of a succeeded (so billed) prediction. Whatever fails from here on carries its bill."""
         pid: str = prediction["id"]
         urls = _output_urls(prediction)
@@ -511,8 +624,7 @@ class ReplicateProvider(Provider):
         warnings: tuple[str, ...] = (note,) if note else ()
         try:
             if urls is None:
-                raise MalformedResponse("succeeded prediction without output URLs", provider=self.name,
-                                        request_id=pid)
+                raise MalformedResponse("succeeded prediction without output URLs", provider=self.name, request_id=pid)
             seed = inp.get("seed")
             got = await self._download_all(client, pid, urls, seed if isinstance(seed, int) else None, deadline)
         except ImageRouterError as exc:
@@ -520,36 +632,49 @@ class ReplicateProvider(Provider):
             raise charged(exc, billing) from None
         images = [got[i] for i in sorted(got)]
         if len(images) < len(urls):
-            warnings += (f"{len(images)} of {len(urls)} outputs of prediction {pid} could not be downloaded "
-                         "(they are paid for)",)
+            warnings += (
+                f"{len(images)} of {len(urls)} outputs of prediction {pid} could not be downloaded (they are paid for)",
+            )
         return _Done(pid, images, billing, warnings)
 
-    async def _download_all(self, client: Any, pid: str, urls: list[str], seed: int | None,
-                            deadline: float) -> dict[int, GeneratedImage]:
+    async def _download_all(
+        self, client: Any, pid: str, urls: list[str], seed: int | None, deadline: float
+    ) -> dict[int, GeneratedImage]:
         """Download every output of a succeeded (billed) prediction; a failed one is downloaded again, with
-        a fresh URL from the prediction where it gives one, never re-created. Raises when none could be had;
-        returns what could, by output index."""
+        a fresh URL from the prediction where it gives one, never re-created. An output that is no usable
+        image (:func:`providers.vendor.output_image`) is dropped like one that cannot be had. Raises when none
+        could be had (a MalformedResponse when one was unusable); returns what could, by output index."""
         got: dict[int, GeneratedImage] = {}
         last: ImageRouterError | None = None
+        unusable: MalformedResponse | None = None
         for i, url in enumerate(urls):
             try:
                 data = await download_paid(
-                    self._fetcher, url, provider=self.name, request_id=pid, deadline=deadline,
-                    attempts=_DOWNLOAD_ATTEMPTS, backoff_s=self._download_backoff_s,
-                    fresh_url=lambda i=i: self._fresh_output(client, pid, i, len(urls)))  # type: ignore[misc]
+                    self._fetcher,
+                    url,
+                    provider=self.name,
+                    request_id=pid,
+                    deadline=deadline,
+                    attempts=_DOWNLOAD_ATTEMPTS,
+                    backoff_s=self._download_backoff_s,
+                    fresh_url=functools.partial(self._fresh_output, client, pid, i, len(urls)),
+                )
+                # the one check every output passes: the caps user images have, decoded whole, off the loop
+                mime, w, h = await output_image(data, provider=self.name, request_id=pid)
+            except MalformedResponse as exc:
+                unusable = exc
+                continue
             except (ProviderUnavailable, ProviderTimeout) as exc:
                 last = exc
                 continue
-            try:
-                w, h = image_size(data)
-            except ImageDecodeError:
-                raise MalformedResponse("output is not an image", provider=self.name, request_id=pid) from None
-            got[i] = GeneratedImage(data=data, mime=sniff_mime(data) or "image/png", width=w, height=h,
-                                    seed=seed if i == 0 else None)
+            got[i] = GeneratedImage(data=data, mime=mime, width=w, height=h, seed=seed if i == 0 else None)
         if not got:
+            if unusable is not None:
+                raise unusable
             detail = f" ({last.message})" if last is not None else ""
-            raise ProviderUnavailable(f"no output could be downloaded{detail}; it may have expired",
-                                      provider=self.name, request_id=pid)
+            raise ProviderUnavailable(
+                f"no output could be downloaded{detail}; it may have expired", provider=self.name, request_id=pid
+            )
         return got
 
     async def _fresh_output(self, client: Any, pid: str, index: int, count: int) -> str | None:
@@ -557,8 +682,7 @@ class ReplicateProvider(Provider):
         raises when the prediction says its files were removed."""
         fresh = await self._reread(client, pid)
         if fresh is not None and fresh.get("data_removed") is True:
-            raise ProviderUnavailable("the prediction's output files were removed", provider=self.name,
-                                      request_id=pid)
+            raise ProviderUnavailable("the prediction's output files were removed", provider=self.name, request_id=pid)
         urls = _output_urls(fresh) if fresh is not None else None
         return urls[index] if urls is not None and len(urls) == count else None
 
@@ -607,8 +731,12 @@ class ReplicateProvider(Provider):
 
 def _prediction(body: Any, provider: str, pid: str | None) -> dict[str, Any]:
     """``body`` if it is a prediction object (an id and one of the six statuses), else MalformedResponse."""
-    if (not isinstance(body, dict) or not isinstance(body.get("id"), str) or not body["id"]
-            or body.get("status") not in {"starting", "processing", *_TERMINAL}):
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("id"), str)
+        or not body["id"]
+        or body.get("status") not in {"starting", "processing", *_TERMINAL}
+    ):
         raise MalformedResponse("response body is not a prediction", provider=provider, request_id=pid)
     return body
 
@@ -672,5 +800,3 @@ def _status_error(exc: Any, headers: httpx.Headers | None, provider: str, pid: s
         if coded is not None:
             return coded
     return status_error(status, text, provider=provider, request_id=pid, headers=headers)
-
-

@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
-from providers.vendor import ApiKey, billed_by, charged, combine, connection_error, fan_out, known_models, status_error
+from providers.vendor import (
+    ApiKey,
+    billed_by,
+    charged,
+    combine,
+    connection_error,
+    fan_out,
+    known_models,
+    output_image,
+    status_error,
+)
 from router.errors import (
     ContentPolicyError,
     ImageRouterError,
@@ -43,7 +53,6 @@ from router.images import (
     image_size,
     load_bytes,
     mask_to_white_repaint,
-    probe_whole,
 )
 from router.prices import PriceTable
 from router.request import ImageRequest
@@ -59,8 +68,15 @@ MAX_SEED = 4_294_967_294
 
 # The documented aspect ratios and the ~1 MP shapes Stability makes for them.
 RATIOS: dict[tuple[int, int], str] = {
-    (1024, 1024): "1:1", (1344, 768): "16:9", (768, 1344): "9:16", (1536, 640): "21:9", (640, 1536): "9:21",
-    (832, 1216): "2:3", (1216, 832): "3:2", (896, 1088): "4:5", (1088, 896): "5:4",
+    (1024, 1024): "1:1",
+    (1344, 768): "16:9",
+    (768, 1344): "9:16",
+    (1536, 640): "21:9",
+    (640, 1536): "9:21",
+    (832, 1216): "2:3",
+    (1216, 832): "3:2",
+    (896, 1088): "4:5",
+    (1088, 896): "5:4",
 }
 SIZES = SizeRules(fixed=tuple(RATIOS), native=(1024, 1024), max_side=1536)
 
@@ -73,12 +89,21 @@ MODELS = (*GENERATE_MODELS, INPAINT_MODEL, CONTROL_MODEL, *UPSCALE_MODELS)
 
 # Edits, controls and upscales keep the input's shape: any size within the API's limits.
 _FREE = SizeRules(multiple=1, min_side=64, max_side=16384, min_pixels=4096, max_pixels=16384**2, max_ratio=2.5)
-_QUALITY = {"stable-image-ultra": 0.9, "sd3.5-large": 0.85, "stable-image-core": 0.75, "sd3.5-large-turbo": 0.75,
-            "sd3.5-medium": 0.7, "sd3.5-flash": 0.6}
+_QUALITY = {
+    "stable-image-ultra": 0.9,
+    "sd3.5-large": 0.85,
+    "stable-image-core": 0.75,
+    "sd3.5-large-turbo": 0.75,
+    "sd3.5-medium": 0.7,
+    "sd3.5-flash": 0.6,
+}
 _ALL_FORMATS = frozenset({"png", "jpeg", "webp"})
 _OPTIONS = frozenset({"style_preset", "grow_mask", "creativity"})
-_OPTION_MODELS = {"style_preset": frozenset(MODELS) - {UPSCALE_MODELS[0]}, "grow_mask": frozenset({INPAINT_MODEL}),
-                  "creativity": frozenset(UPSCALE_MODELS[1:])}
+_OPTION_MODELS = {
+    "style_preset": frozenset(MODELS) - {UPSCALE_MODELS[0]},
+    "grow_mask": frozenset({INPAINT_MODEL}),
+    "creativity": frozenset(UPSCALE_MODELS[1:]),
+}
 # Control kinds: line drawings go to /control/sketch, the rest to /control/structure. Stability has no
 # ControlNet per kind: sketch "translates hand-drawn sketches" and structure keeps "the structure of a
 # reference image" (it reads the layout from the image itself). Only a scribble or a line drawing is what
@@ -86,8 +111,10 @@ _OPTION_MODELS = {"style_preset": frozenset(MODELS) - {UPSCALE_MODELS[0]}, "grow
 _SKETCH = frozenset({"scribble", "lineart", "lineart_anime", "softedge"})
 _STRUCTURE = frozenset({"canny", "depth", "mlsd", "seg", "normal"})
 _NATIVE = frozenset({"scribble", "lineart"})
-_ENDPOINT_MEANS = {"sketch": "reads the image as a hand-drawn sketch",
-                   "structure": "keeps the layout of the image it is given as a reference"}
+_ENDPOINT_MEANS = {
+    "sketch": "reads the image as a hand-drawn sketch",
+    "structure": "keeps the layout of the image it is given as a reference",
+}
 
 
 def _control_endpoint(kind: str) -> tuple[str, str | None]:
@@ -95,34 +122,72 @@ def _control_endpoint(kind: str) -> tuple[str, str | None]:
     endpoint = "sketch" if kind in _SKETCH else "structure"
     if kind in _NATIVE:
         return endpoint, None
-    return endpoint, (f"control {kind} approximated by Stability's {endpoint} control, which "
-                      f"{_ENDPOINT_MEANS[endpoint]}; it is not a {kind} ControlNet")
+    return endpoint, (
+        f"control {kind} approximated by Stability's {endpoint} control, which "
+        f"{_ENDPOINT_MEANS[endpoint]}; it is not a {kind} ControlNet"
+    )
 
 
 def _caps(model: str) -> Capabilities:
     if model in SD3_MODELS:
-        return Capabilities(tasks=frozenset({"txt2img", "img2img"}), sizes=SIZES, max_n=10, negative_prompt=True,
-                            seed=True, guidance=True, strength=True, quality=_QUALITY[model],
-                            output_formats=frozenset({"png", "jpeg"}))
+        return Capabilities(
+            tasks=frozenset({"txt2img", "img2img"}),
+            sizes=SIZES,
+            max_n=10,
+            negative_prompt=True,
+            seed=True,
+            guidance=True,
+            strength=True,
+            quality=_QUALITY[model],
+            output_formats=frozenset({"png", "jpeg"}),
+        )
     if model in GENERATE_MODELS:
         ultra = model == "stable-image-ultra"
-        return Capabilities(tasks=frozenset({"txt2img", "img2img"} if ultra else {"txt2img"}), sizes=SIZES, max_n=10,
-                            negative_prompt=True, seed=True, strength=ultra, quality=_QUALITY[model],
-                            output_formats=_ALL_FORMATS)
+        return Capabilities(
+            tasks=frozenset({"txt2img", "img2img"} if ultra else {"txt2img"}),
+            sizes=SIZES,
+            max_n=10,
+            negative_prompt=True,
+            seed=True,
+            strength=ultra,
+            quality=_QUALITY[model],
+            output_formats=_ALL_FORMATS,
+        )
     if model == INPAINT_MODEL:
-        return Capabilities(tasks=frozenset({"inpaint"}), sizes=_FREE, max_n=10, negative_prompt=True, seed=True,
-                            quality=0.8, output_formats=_ALL_FORMATS)
+        return Capabilities(
+            tasks=frozenset({"inpaint"}),
+            sizes=_FREE,
+            max_n=10,
+            negative_prompt=True,
+            seed=True,
+            quality=0.8,
+            output_formats=_ALL_FORMATS,
+        )
     if model == CONTROL_MODEL:
-        return Capabilities(tasks=frozenset({"control"}), sizes=_FREE, control_kinds=_SKETCH | _STRUCTURE,
-                            max_controls=1, max_n=10, negative_prompt=True, seed=True, quality=0.75,
-                            output_formats=_ALL_FORMATS)
+        return Capabilities(
+            tasks=frozenset({"control"}),
+            sizes=_FREE,
+            control_kinds=_SKETCH | _STRUCTURE,
+            max_controls=1,
+            max_n=10,
+            negative_prompt=True,
+            seed=True,
+            quality=0.75,
+            output_formats=_ALL_FORMATS,
+        )
     if model in UPSCALE_MODELS:
         creative = model.endswith("creative")
-        return Capabilities(tasks=frozenset({"upscale"}), sizes=_FREE, negative_prompt=model != UPSCALE_MODELS[0],
-                            seed=model != UPSCALE_MODELS[0], quality=0.85 if creative else 0.7,
-                            output_formats=_ALL_FORMATS)
-    raise InvalidRequestError(f"unknown Stability model {model!r}; use one of {', '.join(MODELS)}",
-                              provider="stability")
+        return Capabilities(
+            tasks=frozenset({"upscale"}),
+            sizes=_FREE,
+            negative_prompt=model != UPSCALE_MODELS[0],
+            seed=model != UPSCALE_MODELS[0],
+            quality=0.85 if creative else 0.7,
+            output_formats=_ALL_FORMATS,
+        )
+    raise InvalidRequestError(
+        f"unknown Stability model {model!r}; use one of {', '.join(MODELS)}", provider="stability"
+    )
 
 
 class StabilityProvider(Provider):
@@ -220,8 +285,9 @@ class StabilityProvider(Provider):
         row = self.price_row(model)
         n = 1 if model in UPSCALE_MODELS else request.n
         credits = row.rate("credits") * n
-        return Estimate(credits * row.rate("usd_per_credit"), float(row.rates.get("latency_s", 8.0)), "credits",
-                        credits)
+        return Estimate(
+            credits * row.rate("usd_per_credit"), float(row.rates.get("latency_s", 8.0)), "credits", credits
+        )
 
     def _billing(self, model: str, images: int) -> Billing:
         row = self.price_row(model)
@@ -240,8 +306,9 @@ class StabilityProvider(Provider):
         if self._http is None:
             import httpx
 
-            self._http = httpx.AsyncClient(base_url=self._base_url,
-                                           headers={"authorization": f"Bearer {self._key.value()}"})
+            self._http = httpx.AsyncClient(
+                base_url=self._base_url, headers={"authorization": f"Bearer {self._key.value()}"}
+            )
         return self._http
 
     async def generate(self, request: ImageRequest, model: str, *, timeout_s: float) -> ProviderResponse:
@@ -253,6 +320,7 @@ class StabilityProvider(Provider):
         if model in UPSCALE_MODELS:
             images = [await self._call(path, fields, files, timeout_s, bill, poll=model == UPSCALE_MODELS[2])]
         else:
+
             def call_for(i: int) -> Any:
                 own = dict(fields)
                 if request.seed is not None:
@@ -264,8 +332,9 @@ class StabilityProvider(Provider):
             return ProviderResponse(fan.done, model, billing, warnings=(*plan.warnings, *fan.warnings(request.n)))
         return ProviderResponse(images, model, self._billing(model, len(images)), warnings=plan.warnings)
 
-    async def _form(self, request: ImageRequest, model: str,
-                    plan: Plan) -> tuple[str, dict[str, str], dict[str, tuple[str, bytes, str]]]:
+    async def _form(
+        self, request: ImageRequest, model: str, plan: Plan
+    ) -> tuple[str, dict[str, str], dict[str, tuple[str, bytes, str]]]:
         """The endpoint, the text fields and the file parts for ``request`` on ``model``."""
         options = request.provider_options.get(self.name, {})
         fmt = request.output_format if request.output_format in self.capabilities(model).output_formats else "png"
@@ -298,8 +367,9 @@ class StabilityProvider(Provider):
         if model == INPAINT_MODEL:
             files["image"] = await self._image_part(request)
             assert request.mask_image is not None
-            mask = await amask_png(request.mask_image, image_size(files["image"][1]), mask_to_white_repaint,
-                                   fetcher=self._fetcher)
+            mask = await amask_png(
+                request.mask_image, image_size(files["image"][1]), mask_to_white_repaint, fetcher=self._fetcher
+            )
             files["mask"] = ("mask.png", mask, "image/png")
             if "grow_mask" in options:
                 fields["grow_mask"] = str(int(options["grow_mask"]))
@@ -323,8 +393,16 @@ class StabilityProvider(Provider):
         data = await load_bytes(request.init_image, fetcher=self._fetcher)
         return "image.png", data, request.init_image.mime or "image/png"
 
-    async def _call(self, path: str, fields: dict[str, str], files: dict[str, tuple[str, bytes, str]],
-                    timeout_s: float, bill: Billing, *, poll: bool) -> GeneratedImage:
+    async def _call(
+        self,
+        path: str,
+        fields: dict[str, str],
+        files: dict[str, tuple[str, bytes, str]],
+        timeout_s: float,
+        bill: Billing,
+        *,
+        poll: bool,
+    ) -> GeneratedImage:
         """One image from one call; a 200 image answer that cannot be read raises carrying ``bill``."""
         import httpx
 
@@ -332,8 +410,7 @@ class StabilityProvider(Provider):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            response = await self._client().post(path, files=parts, headers={"accept": "image/*"},
-                                                 timeout=timeout_s)
+            response = await self._client().post(path, files=parts, headers={"accept": "image/*"}, timeout=timeout_s)
             if poll:
                 job = self._json(_checked(response, self.name))
                 job_id = job.get("id")
@@ -343,11 +420,13 @@ class StabilityProvider(Provider):
                     left = deadline - loop.time()
                     if left <= 0:
                         raise ProviderTimeout(f"job {job_id} unfinished within {timeout_s:.1f}s", provider=self.name)
-                    response = await self._client().get(f"/v2beta/results/{job_id}", headers={"accept": "image/*"},
-                                                         timeout=left)
+                    response = await self._client().get(
+                        f"/v2beta/results/{job_id}", headers={"accept": "image/*"}, timeout=left
+                    )
                     if response.status_code == 404:
-                        raise ProviderUnavailable(f"job {job_id}: result expired or unknown (HTTP 404)",
-                                                  provider=self.name, status_code=404)
+                        raise ProviderUnavailable(
+                            f"job {job_id}: result expired or unknown (HTTP 404)", provider=self.name, status_code=404
+                        )
                     if response.status_code != 202:
                         break
                     await asyncio.sleep(min(self._poll_interval_s, max(0.0, deadline - loop.time())))
@@ -367,8 +446,9 @@ class StabilityProvider(Provider):
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise MalformedResponse("response body is not a JSON object", provider=self.name,
-                                    status_code=response.status_code)
+            raise MalformedResponse(
+                "response body is not a JSON object", provider=self.name, status_code=response.status_code
+            )
         return body
 
     async def _image(self, response: httpx.Response) -> GeneratedImage:
@@ -380,16 +460,24 @@ class StabilityProvider(Provider):
                 reason, seed = body.get("finish_reason"), body.get("seed")
             else:
                 reason, seed = response.headers.get("finish-reason"), response.headers.get("seed")
-            # the header (format, pixel cap) and the end (not truncated) checked; the pixels are not decoded
-            mime, width, height = probe_whole(data, what="response image")
         except (KeyError, TypeError, ValueError, ImageDecodeError) as exc:
-            raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
-                                    status_code=response.status_code) from None
+            raise MalformedResponse(
+                f"response image unreadable ({type(exc).__name__})",
+                provider=self.name,
+                status_code=response.status_code,
+            ) from None
+        # the one check every output passes: the caps user images have, decoded whole, off the loop
+        mime, width, height = await output_image(data, provider=self.name, status_code=response.status_code)
         if reason not in ("SUCCESS", "CONTENT_FILTERED"):
             raise MalformedResponse(f"unknown finish-reason {reason!r}", provider=self.name)
-        return GeneratedImage(data=data, mime=mime, width=width, height=height,
-                              seed=int(seed) if seed is not None and str(seed).isdigit() else None,
-                              nsfw=reason == "CONTENT_FILTERED")
+        return GeneratedImage(
+            data=data,
+            mime=mime,
+            width=width,
+            height=height,
+            seed=int(seed) if seed is not None and str(seed).isdigit() else None,
+            nsfw=reason == "CONTENT_FILTERED",
+        )
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -2,7 +2,9 @@
 
 One endpoint, ``POST /v1/images/generations`` (JSON): txt2img on FLUX.1 schnell/dev,
 up to two LoRAs on FLUX.1-dev-lora, and img2img on the Kontext editing models (the
-init image sent as ``image_url``: a data URL, or the user's http(s) URL as is). No
+init image sent as ``image_url``: always a data URL; a user's http(s) URL is downloaded here
+through the safe fetcher first, so Together never fetches a URL it was handed; reference images
+alike). A LoRA given by URL is sent by URL, its redirects followed and every hop checked. No
 mask, no seed echo (the request's seed is the image's). Images come back base64.
 Together reports no usage, so the cost is computed from what was sent:
 images × megapixels × $/MP × steps / default steps. The SDK runs with ``max_retries=0``.
@@ -27,7 +29,16 @@ from pydantic import SecretStr
 
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
 from providers.openai import SdkError, sdk_error, sdk_missing
-from providers.vendor import ApiKey, charged, download_paid, known_models
+from providers.vendor import (
+    ApiKey,
+    charged,
+    download_paid,
+    known_models,
+    looks_like_url,
+    output_image,
+    vendor_fetched_url,
+    vendor_image,
+)
 from router.errors import (
     ContentPolicyError,
     ImageRouterError,
@@ -35,7 +46,7 @@ from router.errors import (
     MalformedResponse,
 )
 from router.geometry import SizeRules, plan_size
-from router.images import ImageDecodeError, ab64decode, adata_url, probe_whole
+from router.images import ImageDecodeError, ab64decode, adata_url
 from router.prices import PriceTable
 from router.request import ImageRequest
 from router.result import GeneratedImage
@@ -57,11 +68,17 @@ MAX_LORAS = 2
 MAX_STEPS = {SCHNELL: 12}  # the others take 1..50
 _MIME = {"png": "image/png", "jpeg": "image/jpeg"}
 _OPTIONS = frozenset({"disable_safety_checker", "reference_images"})
-_SIZES = SizeRules(multiple=16, min_side=256, max_side=1792, max_pixels=1792 * 1792, max_ratio=4.0,
-                   native=(1024, 1024))
+_SIZES = SizeRules(multiple=16, min_side=256, max_side=1792, max_pixels=1792 * 1792, max_ratio=4.0, native=(1024, 1024))
 _TXT = Capabilities(
-    tasks=frozenset({"txt2img"}), sizes=_SIZES, max_n=MAX_N, negative_prompt=True, seed=True, steps=True,
-    guidance=True, quality=0.75, output_formats=frozenset(_MIME),
+    tasks=frozenset({"txt2img"}),
+    sizes=_SIZES,
+    max_n=MAX_N,
+    negative_prompt=True,
+    seed=True,
+    steps=True,
+    guidance=True,
+    quality=0.75,
+    output_formats=frozenset(_MIME),
 )
 _CAPS: dict[str, Capabilities] = {
     SCHNELL: dataclasses.replace(_TXT, guidance=False, quality=0.6),
@@ -136,8 +153,10 @@ class TogetherProvider(Provider):
         if src is not None and request.width is None and request.aspect_ratio is None and src.width and src.height:
             size = plan_size(src.width, src.height, None, _SIZES)
             if not size.exact:
-                extra.append(f"output size {size.width}x{size.height}: the nearest shape {model} makes to the init "
-                             f"image's {src.width}x{src.height}")
+                extra.append(
+                    f"output size {size.width}x{size.height}: the nearest shape {model} makes to the init "
+                    f"image's {src.width}x{src.height}"
+                )
         return Plan(size, base.warnings + tuple(extra))
 
     # --- cost --------------------------------------------------------------------
@@ -213,10 +232,13 @@ class TogetherProvider(Provider):
         # Downloads of a paid answer stop short of the call's time, so its bill reaches the router.
         deadline = loop.time() + timeout_s - min(_REPORT_MARGIN_S, timeout_s / 10)
         params = self._params(request, model)
+        await self._check_urls(params)
         if request.init_image is not None:
             image = request.init_image
-            if image.url is not None:
-                params["image_url"] = image.url
+            if image.url is not None:  # downloaded here, through the safe fetcher: Together is sent bytes
+                params["image_url"] = await vendor_image(
+                    image.url, self._safe_fetcher(), what="init_image", provider=self.name
+                )
             else:
                 assert image.data is not None
                 params["image_url"] = await adata_url(image.data, image.mime)
@@ -232,39 +254,88 @@ class TogetherProvider(Provider):
             body = await raw.parse()
             items = sorted(body.data, key=lambda item: int(getattr(item, "index", 0) or 0))
         except Exception as exc:  # a 200 we cannot read: Together made (and bills) the images asked for
-            error = MalformedResponse(f"response body unreadable ({type(exc).__name__})", provider=self.name,
-                                      status_code=raw.status_code, request_id=header_id)
+            error = MalformedResponse(
+                f"response body unreadable ({type(exc).__name__})",
+                provider=self.name,
+                status_code=raw.status_code,
+                request_id=header_id,
+            )
             raise charged(error, self._billing(model, params, params["n"])) from None
         request_id = str(getattr(body, "id", None) or header_id or "") or None
         billing = self._billing(model, params, len(items))
-        outcomes = await asyncio.gather(*(self._image(item, params, request_id, deadline) for item in items),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._image(item, params, request_id, deadline) for item in items), return_exceptions=True
+        )
         images = [o for o in outcomes if isinstance(o, GeneratedImage)]
         errors = [o for o in outcomes if isinstance(o, ImageRouterError)]
         for other in outcomes:
             if isinstance(other, BaseException) and not isinstance(other, ImageRouterError):
                 raise other
         if not images:
-            first = errors[0] if errors else MalformedResponse("response held no images", provider=self.name,
-                                                               request_id=request_id)
+            first = (
+                errors[0]
+                if errors
+                else MalformedResponse("response held no images", provider=self.name, request_id=request_id)
+            )
             raise charged(first, billing)
-        warnings = (f"{len(images)} of {len(items)} images returned: {len(errors)} could not be had "
-                    f"({', '.join(sorted({e.kind for e in errors}))}), billed by Together all the same",) if errors \
+        warnings = (
+            (
+                f"{len(images)} of {len(items)} images returned: {len(errors)} could not be had "
+                f"({', '.join(sorted({e.kind for e in errors}))}), billed by Together all the same",
+            )
+            if errors
             else ()
+        )
         return ProviderResponse(images, model, billing, request_id, warnings=warnings)
+
+    async def _check_urls(self, params: dict[str, Any]) -> None:
+        """Every URL Together would fetch for us, made safe before it is sent: a LoRA's weights URL is
+        followed and checked hop by hop, and its final URL sent (:func:`providers.vendor.vendor_fetched_url`);
+        a reference image is downloaded here and sent as a data URL (:func:`providers.vendor.vendor_image`).
+        Anything else is left to the API."""
+        for i, lora in enumerate(params.get("image_loras", ())):
+            if looks_like_url(lora["path"]):
+                lora["path"] = await vendor_fetched_url(
+                    lora["path"], self._safe_fetcher(), what=f"loras[{i}].ref", provider=self.name
+                )
+        refs = params.get("reference_images")
+        if isinstance(refs, list):
+            params["reference_images"] = [
+                await vendor_image(
+                    ref, self._safe_fetcher(), what=f"provider_options.{self.name}.reference_images", provider=self.name
+                )
+                if isinstance(ref, str) and looks_like_url(ref) and not ref.startswith("data:")
+                else ref
+                for ref in refs
+            ]
+
+    def _safe_fetcher(self) -> SafeFetcher:
+        from router.fetch import SafeFetcher
+
+        if self._fetcher is None:
+            self._fetcher = SafeFetcher()
+        return self._fetcher
 
     def _billing(self, model: str, params: dict[str, Any], images: int) -> Billing:
         """The bill for ``images`` made as ``params`` asked (Together reports no usage)."""
         cost, megapixels = self._cost(model, images, params["width"], params["height"], params.get("steps"))
         return Billing(
-            cost_usd=cost, unit="megapixel_steps", quantity=megapixels, price_table_version=self.prices.version,
-            details={"images": images, "width": params["width"], "height": params["height"],
-                     "steps": params.get("steps")},
+            cost_usd=cost,
+            unit="megapixel_steps",
+            quantity=megapixels,
+            price_table_version=self.prices.version,
+            details={
+                "images": images,
+                "width": params["width"],
+                "height": params["height"],
+                "steps": params.get("steps"),
+            },
         )
 
-    async def _image(self, item: Any, params: dict[str, Any], request_id: str | None,
-                     deadline: float) -> GeneratedImage:
-        """One output item as an image: base64 decoded, or its URL downloaded."""
+    async def _image(
+        self, item: Any, params: dict[str, Any], request_id: str | None, deadline: float
+    ) -> GeneratedImage:
+        """One output item as an image: base64 decoded, or its URL downloaded; then decoded once, whole."""
         b64, url = getattr(item, "b64_json", None), getattr(item, "url", None)
         try:
             if b64 is not None:
@@ -273,20 +344,27 @@ class TogetherProvider(Provider):
                 data = await self._download(url, deadline)
             else:
                 raise ValueError("an item with neither b64_json nor url")
-            mime, width, height = probe_whole(data, what="response image")  # header and end, not the pixels
         except (TypeError, ValueError, ImageDecodeError) as exc:
-            raise MalformedResponse(f"response image unreadable ({type(exc).__name__})", provider=self.name,
-                                    status_code=200, request_id=request_id) from None
+            raise MalformedResponse(
+                f"response image unreadable ({type(exc).__name__})",
+                provider=self.name,
+                status_code=200,
+                request_id=request_id,
+            ) from None
+        mime, width, height = await output_image(data, provider=self.name, request_id=request_id, status_code=200)
         return GeneratedImage(data=data, mime=mime, width=width, height=height, seed=params.get("seed"))
 
     async def _download(self, url: str, deadline: float) -> bytes:
         """The output at ``url`` (already billed): downloaded again after a failure, never re-generated."""
-        from router.fetch import SafeFetcher
-
-        if self._fetcher is None:
-            self._fetcher = SafeFetcher()
-        return await download_paid(self._fetcher, url, provider=self.name, request_id=None, deadline=deadline,
-                                   attempts=self._download_attempts, backoff_s=self._download_backoff_s)
+        return await download_paid(
+            self._safe_fetcher(),
+            url,
+            provider=self.name,
+            request_id=None,
+            deadline=deadline,
+            attempts=self._download_attempts,
+            backoff_s=self._download_backoff_s,
+        )
 
     async def aclose(self) -> None:
         if self._client_obj is not None:
@@ -299,8 +377,9 @@ def _together_kind(err: SdkError) -> type[ImageRouterError] | None:
     naming NSFW content is a refusal (PROVIDERS.md, Together AI: errors 400 401 402 403 404 429 500 503)."""
     if err.status == 402 or err.code in _CREDIT_CODES or err.etype in _CREDIT_CODES:
         return InsufficientCredits
-    if err.status in (400, 422) and (err.code in _MODERATION_CODES or err.etype in _MODERATION_CODES
-                                     or "nsfw" in err.message.lower()):
+    if err.status in (400, 422) and (
+        err.code in _MODERATION_CODES or err.etype in _MODERATION_CODES or "nsfw" in err.message.lower()
+    ):
         return ContentPolicyError
     return None
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import email.utils
 import os
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from router.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from router.images import ImageDecodeError
+from router.images import ImageDecodeError, adata_url, averify
 
 if TYPE_CHECKING:
     from router.fetch import SafeFetcher
@@ -89,8 +90,15 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds()) if when.tzinfo else None
 
 
-def status_error(status: int, text: str, *, provider: str, code: str | None = None, request_id: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> ImageRouterError:
+def status_error(
+    status: int,
+    text: str,
+    *,
+    provider: str,
+    code: str | None = None,
+    request_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ImageRouterError:
     """An HTTP error answer as the router's error class. ``text`` is the vendor's detail (no secrets).
 
     401/403 → AuthenticationError (fatal); 402 → InsufficientCredits; 408/409/429 → RateLimited and
@@ -154,9 +162,17 @@ def billed_by(errors: Sequence[ImageRouterError]) -> list[Billing]:
 # --- paid outputs ------------------------------------------------------------------------
 
 
-async def download_paid(fetcher: SafeFetcher, url: str, *, provider: str, request_id: str | None, deadline: float,
-                        attempts: int, backoff_s: float,
-                        fresh_url: Callable[[], Awaitable[str | None]] | None = None) -> bytes:
+async def download_paid(
+    fetcher: SafeFetcher,
+    url: str,
+    *,
+    provider: str,
+    request_id: str | None,
+    deadline: float,
+    attempts: int,
+    backoff_s: float,
+    fresh_url: Callable[[], Awaitable[str | None]] | None = None,
+) -> bytes:
     """The bytes of an output the vendor has already billed. A failed download is tried again (``backoff_s``
     doubling, ``attempts`` tries at most, never past ``deadline`` on the loop's clock), asking ``fresh_url`` for
     a new URL between tries where the API gives one; the job itself is never run again.
@@ -186,20 +202,82 @@ async def download_paid(fetcher: SafeFetcher, url: str, *, provider: str, reques
             async with asyncio.timeout(left):
                 return await fetcher.fetch(url)
         except TimeoutError:
-            raise ProviderTimeout("the output download did not finish within the call's time", provider=provider,
-                                  request_id=request_id) from None
-        except ImageDecodeError:
-            raise MalformedResponse("the output is not an image", provider=provider, request_id=request_id) from None
+            raise ProviderTimeout(
+                "the output download did not finish within the call's time", provider=provider, request_id=request_id
+            ) from None
+        except ImageDecodeError as exc:
+            raise MalformedResponse(
+                f"unusable output: {exc.message}", provider=provider, request_id=request_id
+            ) from None
         except (ProviderUnavailable, ProviderTimeout) as exc:  # transient: try it again
             failure = exc.message
         except (httpx.HTTPError, OSError) as exc:  # the connection dropped mid-download
             failure = f"connection failed ({type(exc).__name__})"
         except InvalidRequestError as exc:  # a URL the fetcher refuses, an oversized body: trying again won't help
-            raise MalformedResponse(f"output not downloadable: {exc.message}", provider=provider,
-                                    request_id=request_id) from None
-    raise ProviderUnavailable(f"output download failed {tries} time(s) ({failure}); it is paid for and was not "
-                              "generated again",
-                              provider=provider, request_id=request_id)
+            raise MalformedResponse(
+                f"output not downloadable: {exc.message}", provider=provider, request_id=request_id
+            ) from None
+    raise ProviderUnavailable(
+        f"output download failed {tries} time(s) ({failure}); it is paid for and was not generated again",
+        provider=provider,
+        request_id=request_id,
+    )
+
+
+async def output_image(
+    data: bytes, *, provider: str, request_id: str | None = None, status_code: int | None = None
+) -> tuple[str, int, int]:
+    """MIME type, width and height of an image a vendor returned, after the one check every output passes
+    (:func:`router.images.averify`: the format, byte and pixel caps user images have, the file whole, every
+    pixel decoded once, in a worker thread). A decompression bomb, a truncated file, another format: a
+    MalformedResponse naming what is wrong, so the router falls back; the caller attaches the bill
+    (:func:`charged`)."""
+    try:
+        return await averify(data, what="response image")
+    except ImageDecodeError as exc:
+        raise MalformedResponse(
+            f"unusable output: {exc.message}", provider=provider, status_code=status_code, request_id=request_id
+        ) from None
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def looks_like_url(ref: str) -> bool:
+    """Whether ``ref`` names a scheme (``https:``, ``file:``, ``data:``) or is scheme-relative (``//host``), so a
+    vendor would fetch it as a URL; a repository id such as ``owner/model`` or ``owner/model:version`` does not."""
+    return bool(_SCHEME.match(ref)) or ref.startswith("//")
+
+
+async def vendor_fetched_url(url: str, fetcher: SafeFetcher, *, what: str, provider: str) -> str:
+    """The URL to send a vendor that fetches ``url`` itself (a LoRA's weights): where ``url`` ends after its
+    redirects, every hop checked like a download's (:meth:`SafeFetcher.follow`: http(s), every address global),
+    its body never read. Raises UnsafeURLError (the request is at fault).
+
+    The vendor resolves the name again on its own network; images are therefore downloaded here and sent as
+    bytes instead (:func:`vendor_image`), and only what cannot be (weights of hundreds of MB) is sent by URL.
+    """
+    from router.fetch import UnsafeURLError
+
+    try:
+        return await fetcher.follow(url, what=what)
+    except UnsafeURLError as exc:
+        exc.provider = provider
+        raise
+
+
+async def vendor_image(url: str, fetcher: SafeFetcher, *, what: str, provider: str) -> str:
+    """An image URL a vendor would fetch, downloaded here through the safe fetcher (every hop checked, the
+    caps applied) and returned as a ``data:`` URL, so the vendor never fetches a URL it was handed.
+    Raises UnsafeURLError for a URL that must not be fetched, ImageDecodeError for bytes that are no image."""
+    from router.fetch import UnsafeURLError
+
+    try:
+        data = await fetcher.fetch(url, what=what)
+    except UnsafeURLError as exc:
+        exc.provider = provider
+        raise
+    return await adata_url(data)
 
 
 # --- one image per call --------------------------------------------------------------------

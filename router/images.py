@@ -1,7 +1,10 @@
 """Image inputs and outputs: loading what users pass, sniffing formats, mask conversions.
 
 Every image the SDK reads goes through here, so the limits hold everywhere:
-PNG, JPEG and WEBP only, a byte cap before decoding and a pixel cap while decoding.
+PNG, JPEG and WEBP only, a byte cap before decoding (base64 text is measured before it is
+decoded) and a pixel cap while decoding. Every image a provider returns passes :func:`averify`:
+those caps, the file whole, every pixel decoded once; whatever Pillow raises on a hostile file
+comes out as an :class:`ImageDecodeError`.
 
 Nothing here stalls an event loop for long. Validating a request reads an image's header only
 (:func:`probe`: format, width, height, the caps; microseconds for any size): the pixels are
@@ -17,6 +20,7 @@ import asyncio
 import binascii
 import io
 import os
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +54,30 @@ def sniff_mime(data: bytes) -> str | None:
     return None
 
 
+def _pillow_failures() -> tuple[type[BaseException], ...]:
+    """What Pillow raises on bytes it cannot read. ``DecompressionBombWarning`` is among them: under
+    ``-W error`` it is raised, and it must come out typed like the rest."""
+    from PIL import Image
+
+    return (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        IndexError,
+        TypeError,
+        struct.error,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    )
+
+
+def _why(exc: BaseException) -> str:
+    """Pillow's reason, short: its messages quote sizes and limits, never the image's content."""
+    detail = str(exc).strip()
+    return f"{type(exc).__name__}: {detail[:160]}" if detail else type(exc).__name__
+
+
 def _open(data: bytes, what: str) -> PILImage.Image:
     """The image opened lazily (its header read, no pixel decoded) after the format, byte and pixel caps."""
     from PIL import Image
@@ -60,8 +88,8 @@ def _open(data: bytes, what: str) -> PILImage.Image:
         raise ImageDecodeError(f"{what}: not a PNG, JPEG or WEBP image")
     try:
         img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{what}: cannot be decoded ({type(exc).__name__})") from None
+    except _pillow_failures() as exc:
+        raise ImageDecodeError(f"{what}: cannot be decoded ({_why(exc)})") from None
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         img.close()
@@ -101,20 +129,36 @@ def decode(data: bytes, *, what: str = "image") -> PILImage.Image:
     This decodes every pixel (a 9-megapixel PNG takes a few hundred ms): from async code, call
     :func:`adecode` instead, which runs it in a worker thread.
     """
-    from PIL import Image
-
     img = _open(data, what)
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except _pillow_failures() as exc:
         img.close()
-        raise ImageDecodeError(f"{what}: cannot be decoded ({type(exc).__name__})") from None
+        raise ImageDecodeError(f"{what}: cannot be decoded ({_why(exc)})") from None
     return img
 
 
 async def adecode(data: bytes, *, what: str = "image") -> PILImage.Image:
     """:func:`decode` in a worker thread, for async code (Pillow decodes without holding the GIL)."""
     return await asyncio.to_thread(decode, data, what=what)
+
+
+def verify(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
+    """MIME type, width and height of an image that passed every check a user's image passes, and was
+    decoded whole: :func:`probe_whole` (format, byte and pixel caps, the file's end), then every pixel
+    decoded once and dropped. A decompression bomb, a truncated or corrupt file, a format other than
+    PNG / JPEG / WEBP: ImageDecodeError, naming what is wrong.
+
+    It decodes (tens of ms for a megapixel): from async code, call :func:`averify`.
+    """
+    mime, width, height = probe_whole(data, what=what)
+    decode(data, what=what).close()
+    return mime, width, height
+
+
+async def averify(data: bytes, *, what: str = "image") -> tuple[str, int, int]:
+    """:func:`verify` in a worker thread, for async code."""
+    return await asyncio.to_thread(verify, data, what=what)
 
 
 # --- base64 in slices -----------------------------------------------------------------------
@@ -134,9 +178,12 @@ def let_others_run() -> None:
     time.sleep(0)
 
 
-def b64decode(text: str | bytes | memoryview, *, start: int = 0, what: str = "image") -> bytes:
+def b64decode(
+    text: str | bytes | memoryview, *, start: int = 0, what: str = "image", max_bytes: int = MAX_IMAGE_BYTES
+) -> bytes:
     """Strict base64 (the standard alphabet, padding only at the end, surrounding whitespace ignored)
-    decoded in slices of :data:`B64_SLICE` characters; raises ImageDecodeError if it is not base64.
+    decoded in slices of :data:`B64_SLICE` characters; raises ImageDecodeError if it is not base64,
+    or if it would decode to more than ``max_bytes`` (known from its length, before anything is decoded).
 
     Decoding starts at ``start`` (a data URL's payload) and ``text`` may be a ``memoryview`` into a
     larger buffer (a request body): nothing is copied whole.
@@ -146,10 +193,16 @@ def b64decode(text: str | bytes | memoryview, *, start: int = 0, what: str = "im
         start += 1
     while end > start and _char(text, end - 1) in _SPACE:
         end -= 1
+    least = (end - start) * 3 // 4 - 2  # every 4 characters are 3 bytes; padding takes off at most 2
+    if least > max_bytes:
+        raise ImageDecodeError(
+            f"{what}: the base64 text decodes to {least:,}+ bytes, over the {max_bytes:,}-byte "
+            "cap; send a smaller image"
+        )
 
     def decoded() -> Iterator[bytes]:
         for pos in range(start, end, B64_SLICE):
-            piece = binascii.a2b_base64(text[pos:min(pos + B64_SLICE, end)], strict_mode=True)
+            piece = binascii.a2b_base64(text[pos : min(pos + B64_SLICE, end)], strict_mode=True)
             if pos + B64_SLICE < end and len(piece) * 4 != B64_SLICE * 3:
                 raise binascii.Error("padding before the end")  # a slice that is not the last one must be full
             yield piece
@@ -165,7 +218,7 @@ def b64encode_parts(data: bytes | memoryview, *, slice_bytes: int = B64_SLICE //
     """The base64 of ``data`` (no newlines), as consecutive pieces, each converted in its own C call."""
     view = memoryview(data)
     for pos in range(0, len(view), slice_bytes):
-        yield binascii.b2a_base64(view[pos:pos + slice_bytes], newline=False)
+        yield binascii.b2a_base64(view[pos : pos + slice_bytes], newline=False)
         let_others_run()
 
 
@@ -210,7 +263,7 @@ def join_pieces(pieces: Iterable[bytes | memoryview]) -> bytes:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _char(text: str | bytes | memoryview, i: int) -> str:
@@ -354,7 +407,7 @@ def image_size(data: bytes) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
             return img.size
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _pillow_failures() as exc:
         raise ImageDecodeError(f"image header unreadable ({type(exc).__name__})") from None
 
 
@@ -373,9 +426,13 @@ async def aload_image(image: ImageInput, *, fetcher: SafeFetcher | None = None, 
     return await adecode(await load_bytes(image, fetcher=fetcher), what=what)
 
 
-async def amask_png(mask: ImageInput, size: tuple[int, int],
-                    convert: Callable[[PILImage.Image, tuple[int, int] | None], PILImage.Image], *,
-                    fetcher: SafeFetcher | None = None) -> bytes:
+async def amask_png(
+    mask: ImageInput,
+    size: tuple[int, int],
+    convert: Callable[[PILImage.Image, tuple[int, int] | None], PILImage.Image],
+    *,
+    fetcher: SafeFetcher | None = None,
+) -> bytes:
     """A mask as the PNG a vendor takes (``convert``: :func:`mask_to_white_repaint` or
     :func:`mask_to_alpha_repaint`, at the image's ``size``), decoded, converted and encoded in a worker thread."""
     data = await load_bytes(mask, fetcher=fetcher)
@@ -385,11 +442,11 @@ async def amask_png(mask: ImageInput, size: tuple[int, int],
 _INLINE_B64 = 256 * 1024  # base64 characters decoded on the event loop (well under a millisecond)
 
 
-async def ab64decode(text: str | bytes, *, what: str = "image") -> bytes:
+async def ab64decode(text: str | bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """:func:`b64decode` from async code: inline when small, else in a worker thread."""
     if len(text) <= _INLINE_B64:
-        return b64decode(text, what=what)
-    return await asyncio.to_thread(b64decode, text, what=what)
+        return b64decode(text, what=what, max_bytes=max_bytes)
+    return await asyncio.to_thread(b64decode, text, what=what, max_bytes=max_bytes)
 
 
 async def ab64(data: bytes) -> str:

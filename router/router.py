@@ -284,7 +284,7 @@ class AsyncRouter:
                     # A policy's residency must reach the providers too: they pick regional hosts from it.
                     constraints = req.constraints.model_copy(update={"residency": decision.residency})
                     walk.request = req = req.model_copy(update={"constraints": constraints})
-                served = await walk.run(decision.chain)
+                served = await walk.run(decision)
                 if served is not None:
                     cand, rank, response = served
                     return walk.result(cand, response, decision, start, routed, rank)
@@ -532,22 +532,33 @@ class _Walk:
         self.errors: list[ImageRouterError] = []
         self.billed = Decimal(0)
         self.calls = 0
+        self.timed_out: set[str] = set()  # backends that timed out in this request: their other models are skipped
 
     def remaining(self) -> float:
         return self.deadline - self.r._clock()
 
-    async def run(self, chain: Sequence[RankedCandidate]) -> tuple[RankedCandidate, int, ProviderResponse] | None:
-        """Walk ``chain`` until a candidate serves the request; with a hedge policy, a slow head gets a
-        second candidate raced against it. None when every candidate failed."""
-        rank = 0
-        while rank < len(chain):
+    async def run(self, decision: RoutingDecision) -> tuple[RankedCandidate, int, ProviderResponse] | None:
+        """Walk the decision's chain until a candidate serves the request; with a hedge policy, a slow head
+        gets a second candidate raced against it. A candidate skipped without a call (its circuit is open,
+        or its backend timed out earlier in this request) does not count against the chain's length: the
+        next ranked candidate beyond the chain takes its place. None when every one failed."""
+        chain: Sequence[RankedCandidate] = decision.chain
+        limit = len(chain)
+        rank = tried = 0
+        while tried < limit:
+            if rank == len(chain):
+                if len(chain) > limit or not decision.beyond:
+                    break
+                chain = [*chain, *decision.beyond]  # only read when something was skipped
             cand = chain[rank]
-            wait = self._hedge_wait(cand) if rank + 1 < len(chain) else None
+            calls = self.calls
+            wait = self._hedge_wait(cand) if rank + 1 < len(chain) and tried + 1 < limit else None
             if wait is None:
                 response = await self.try_candidate(cand, rank)
                 if response is not None:
                     return cand, rank, response
                 rank += 1
+                tried += self.calls > calls
                 continue
             head = asyncio.create_task(self.try_candidate(cand, rank))
             try:
@@ -563,12 +574,14 @@ class _Walk:
                 if response is not None:
                     return cand, rank, response
                 rank += 1
+                tried += self.calls > calls
                 continue
             served = await self._race({head: (cand, rank), asyncio.create_task(
                 self.try_candidate(backup, rank + 1)): (backup, rank + 1)}, worst)
             if served is not None:
                 return served
             rank += 2
+            tried += 2
         return None
 
     def _hedge_wait(self, cand: RankedCandidate) -> float | None:
@@ -615,6 +628,10 @@ class _Walk:
         if not r.breaker.available(provider.name):
             self._record(cand, "skipped", 0.0, error=ProviderUnavailable("circuit open", provider=provider.name))
             return None
+        if provider.name in self.timed_out:
+            self._record(cand, "skipped", 0.0, error=ProviderTimeout(
+                "timed out earlier in this request: the deadline is spent on another backend", provider=provider.name))
+            return None
         try:
             # The common case, one successful call, runs without the retry machinery.
             try:
@@ -639,6 +656,8 @@ class _Walk:
                     return await self._attempt(provider, cand, rank, retry=attempt.retry_state.attempt_number)
         except ImageRouterError as exc:
             self.errors.append(exc)
+            if isinstance(exc, ProviderTimeout):
+                self.timed_out.add(provider.name)
             if isinstance(exc, BudgetExceeded):
                 return None  # a cheaper candidate further down may still fit the budget
             if exc.disposition is Disposition.FATAL and not (
@@ -666,6 +685,8 @@ class _Walk:
             return True
         if getattr(exc, "retry_after", None) is not None and wait > self.r.max_retry_after_s:
             return True  # told to wait longer than we are willing to: fall back instead
+        if isinstance(exc, ProviderTimeout) and self.remaining() - wait < self.r.attempt_timeout_s:
+            return True  # a retry after a timeout needs a whole attempt's time left; else try another backend
         return self.r._clock() + wait >= self.deadline
 
     async def _call(self, provider: Provider, cand: RankedCandidate, retry: int) -> ProviderResponse:

@@ -28,10 +28,24 @@ from tests.test_router_openai import make_router, provider
 
 PROMPT = "a lighthouse at dusk, oil painting"
 RECORD: dict[str, Any] = {
-    "version": VERSION, "generator": "imagerouter 0.1.0", "prompt": "a red bicycle, watercolor",
-    "negative_prompt": "blurry", "seed": 1234, "steps": 30, "guidance_scale": 6.5, "scheduler": "euler_a",
-    "width": 64, "height": 48, "task": "txt2img", "model": "sdxl", "provider": "local", "cost_usd": "0",
-    "estimated_cost_usd": "0", "request_id": "ir_0123", "provider_request_id": None, "policy": "local-first",
+    "version": VERSION,
+    "generator": "imagerouter 0.1.0",
+    "prompt": "a red bicycle, watercolor",
+    "negative_prompt": "blurry",
+    "seed": 1234,
+    "steps": 30,
+    "guidance_scale": 6.5,
+    "scheduler": "euler_a",
+    "width": 64,
+    "height": 48,
+    "task": "txt2img",
+    "model": "sdxl",
+    "provider": "local",
+    "cost_usd": "0",
+    "estimated_cost_usd": "0",
+    "request_id": "ir_0123",
+    "provider_request_id": None,
+    "policy": "local-first",
 }
 
 
@@ -39,8 +53,8 @@ def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     """(type, whole chunk) of every PNG chunk."""
     out, pos = [], 8
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        out.append((data[pos + 4:pos + 8], data[pos:pos + 12 + length]))
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        out.append((data[pos + 4 : pos + 8], data[pos : pos + 12 + length]))
         pos += 12 + length
     return out
 
@@ -85,7 +99,8 @@ async def test_a_routed_png_round_trips_its_provenance(sandbox: OpenAISandbox, t
     assert pixels(saved) == pixels(image.data)  # the same pixels, mode and size
     ours = {JSON_KEY.encode(), PARAMETERS_KEY.encode()}
     assert [c for c in chunks(saved) if not (c[0] == b"tEXt" and c[1][8:].split(b"\0")[0] in ours)] == chunks(
-        image.data)  # every original chunk is there byte for byte, in order
+        image.data
+    )  # every original chunk is there byte for byte, in order
     info = Image.open(path).info  # what any PNG reader (and AUTOMATIC1111) sees
     assert info[PARAMETERS_KEY].startswith(f"{PROMPT}\nNegative prompt: blurry\n")
     assert "Size: 1024x1024, Model: gpt-image-2, Provider: openai, Policy: cheapest" in info[PARAMETERS_KEY]
@@ -115,15 +130,20 @@ async def test_opting_out_writes_the_bytes_as_they_came(
 async def test_no_key_or_secret_reaches_the_metadata(
     sandbox: OpenAISandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    secrets = ["sk-live-0123456789abcdefghij", "r8_secretreplicatetoken0123", "sk-proj-optionsecret987654321",
-               sandbox.api_key]
+    secrets = [
+        "sk-live-0123456789abcdefghij",
+        "r8_secretreplicatetoken0123",
+        "sk-proj-optionsecret987654321",
+        sandbox.api_key,
+    ]
     monkeypatch.setenv("OPENAI_API_KEY", sandbox.api_key)
     monkeypatch.setenv("STABILITY_API_KEY", secrets[0])
     monkeypatch.setenv("REPLICATE_API_TOKEN", secrets[1])
     options = {"openai": {"user": secrets[2], "api_key": secrets[2]}}
     async with make_router(provider(sandbox)) as router:
-        result = await router.agenerate(f"a cat holding a note that says {secrets[0]}", provider_options=options,
-                                        width=1024, height=1024)
+        result = await router.agenerate(
+            f"a cat holding a note that says {secrets[0]}", provider_options=options, width=1024, height=1024
+        )
     saved = result.images[0].save(tmp_path / "cat.png").read_bytes()
     meta = read_provenance(saved)
     assert meta["prompt"].startswith("a cat holding a note that says ") and meta["prompt"].endswith("[REDACTED]")
@@ -149,10 +169,13 @@ async def test_a_routed_jpeg_carries_exif_and_xmp(sandbox: OpenAISandbox, tmp_pa
     assert pixels(path.read_bytes()) == pixels(image.data)  # nothing re-encoded
 
 
-@pytest.mark.parametrize("mode,kw", [("RGB", {"quality": 80}), ("RGB", {"lossless": True}),
-                                     ("RGBA", {"lossless": True}), ("RGBA", {"quality": 70})])
-def test_webp_carries_the_record_in_xmp_with_the_image_data_untouched(tmp_path: Path, mode: str,
-                                                                      kw: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "mode,kw",
+    [("RGB", {"quality": 80}), ("RGB", {"lossless": True}), ("RGBA", {"lossless": True}), ("RGBA", {"quality": 70})],
+)
+def test_webp_carries_the_record_in_xmp_with_the_image_data_untouched(
+    tmp_path: Path, mode: str, kw: dict[str, Any]
+) -> None:
     data = encoded(mode, "WEBP", **kw)
     image = GeneratedImage(data=data, mime="image/webp", width=64, height=48, provenance=RECORD)
     path = image.save(tmp_path / "x")
@@ -164,15 +187,15 @@ def test_webp_carries_the_record_in_xmp_with_the_image_data_untouched(tmp_path: 
     assert image.save(tmp_path / "z", metadata=False).read_bytes() == data
 
 
-@pytest.mark.parametrize("mode,kw", [("RGB", {}), ("RGBA", {}), ("L", {}), ("I;16", {}), ("1", {}),
-                                     ("P", {"transparency": 0}), ("LA", {})])
+@pytest.mark.parametrize(
+    "mode,kw", [("RGB", {}), ("RGBA", {}), ("L", {}), ("I;16", {}), ("1", {}), ("P", {"transparency": 0}), ("LA", {})]
+)
 def test_png_modes_and_bit_depths_are_kept(mode: str, kw: dict[str, Any]) -> None:
     data = encoded(mode, **kw)
     out = embed(data, RECORD)
     assert pixels(out) == pixels(data)
     assert chunks(out)[0] == chunks(data)[0]  # IHDR: the same bit depth and colour type
-    assert Image.open(io.BytesIO(out)).info.get("transparency") == Image.open(io.BytesIO(data)).info.get(
-        "transparency")
+    assert Image.open(io.BytesIO(out)).info.get("transparency") == Image.open(io.BytesIO(data)).info.get("transparency")
     assert read_provenance(out) == RECORD
     assert embed(out, RECORD) == out  # writing again replaces our chunks instead of adding more
 
@@ -193,15 +216,19 @@ def test_infotext_follows_automatic1111() -> None:
         "Steps: 30, Sampler: Euler a, CFG scale: 6.5, Seed: 1234, Size: 64x48, Model: sdxl, Provider: local, "
         "Policy: local-first, Cost: $0, Request id: ir_0123, Version: imagerouter 0.1.0"
     )
-    assert infotext(RECORD | {"negative_prompt": None, "model": "a, b: c"}).split("\n")[1].find(
-        'Model: "a, b: c"') > 0  # values with commas or colons are quoted
+    assert (
+        infotext(RECORD | {"negative_prompt": None, "model": "a, b: c"}).split("\n")[1].find('Model: "a, b: c"') > 0
+    )  # values with commas or colons are quoted
 
 
 def test_a_file_with_only_a_parameters_chunk_is_parsed() -> None:
     buf = io.BytesIO()
     info = PngInfo()  # as AUTOMATIC1111 itself writes it
-    info.add_text("parameters", "a cat,\nmultiline\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M Karras, "
-                                'CFG scale: 7, Seed: 42, Size: 512x768, Model hash: abc, Model: "sd, 1.5"')
+    info.add_text(
+        "parameters",
+        "a cat,\nmultiline\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M Karras, "
+        'CFG scale: 7, Seed: 42, Size: 512x768, Model hash: abc, Model: "sd, 1.5"',
+    )
     Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
     meta = read_provenance(buf.getvalue())
     assert meta["prompt"] == "a cat,\nmultiline" and meta["negative_prompt"] == "dog"
@@ -221,6 +248,7 @@ def test_a_damaged_png_is_saved_as_it_is(tmp_path: Path, caplog: pytest.LogCaptu
 def test_images_without_provenance_and_equality() -> None:
     data = encoded("RGB")
     bare = GeneratedImage(data=data, mime="image/png", width=64, height=48)
-    assert bare.provenance is None and bare == GeneratedImage(data=data, mime="image/png", width=64, height=48,
-                                                              provenance=RECORD)
+    assert bare.provenance is None and bare == GeneratedImage(
+        data=data, mime="image/png", width=64, height=48, provenance=RECORD
+    )
     assert "provenance" not in repr(bare)

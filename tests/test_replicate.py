@@ -145,11 +145,11 @@ async def test_flux_dev_img2img_sends_image_and_prompt_strength(rep: ReplicateSa
 
 async def test_lora_request_goes_to_the_lora_model_with_weights_and_scale(rep: ReplicateSandbox) -> None:
     async with make_router(provider(rep)) as router:
-        result = await router.agenerate("a portrait", loras=[{"ref": "https://example.com/style.safetensors",
+        result = await router.agenerate("a portrait", loras=[{"ref": "owner/style-lora",
                                                               "weight": 0.7}], seed=3)
     assert result.model == "flux-dev-lora"
     inp = rep.requests[0].json["input"]  # type: ignore[index]
-    assert (inp["lora_weights"], inp["lora_scale"]) == ("https://example.com/style.safetensors", 0.7)
+    assert (inp["lora_weights"], inp["lora_scale"]) == ("owner/style-lora", 0.7)
     assert result.cost.actual_usd == Decimal("0.032")
     rejected = {r.model: r.reason for r in result.decision.rejections}
     assert "takes no LoRA" in rejected["flux-schnell"]

@@ -133,11 +133,11 @@ async def test_jpeg_output_is_decoded_as_jpeg(tg: TogetherSandbox) -> None:
 
 
 async def test_loras_route_to_the_lora_model_and_are_sent_as_image_loras(tg: TogetherSandbox) -> None:
-    loras = [{"ref": "https://example.invalid/style-lora", "weight": 0.8}, {"ref": "owner/other-lora", "weight": 1.0}]
+    loras = [{"ref": "owner/style-lora", "weight": 0.8}, {"ref": "owner/other-lora", "weight": 1.0}]
     async with make_router(provider(tg)) as router:
         result = await router.agenerate("a cat", loras=loras, width=1024, height=1024)
     assert result.model == DEV_LORA and sent(tg)["model"] == DEV_LORA
-    assert sent(tg)["image_loras"] == [{"path": "https://example.invalid/style-lora", "scale": 0.8},
+    assert sent(tg)["image_loras"] == [{"path": "owner/style-lora", "scale": 0.8},
                                        {"path": "owner/other-lora", "scale": 1.0}]
     assert result.cost.actual_usd == Decimal("0.035")
     assert provider(tg).capabilities(DEV_LORA).max_loras == 2 and provider(tg).capabilities(DEV).max_loras == 0
@@ -164,9 +164,22 @@ async def test_img2img_on_kontext_sends_the_init_image_as_a_data_url(tg: Togethe
     assert out.getpixel((5, 5)) != plain.images[0].to_pil().convert("RGB").getpixel((5, 5))  # the init was used
 
 
-async def test_img2img_with_a_url_sends_it_as_is(tg: TogetherSandbox) -> None:
-    await call(tg, model=KONTEXT_PRO, init_image="https://images.example.invalid/cat.png")
-    assert sent(tg)["image_url"] == "https://images.example.invalid/cat.png" and "steps" not in sent(tg)
+async def public_dns(host: str, port: int) -> list[str]:
+    return ["93.184.215.14"]  # a global address; the transport below answers for it: nothing is connected to
+
+
+async def test_img2img_with_a_url_sends_the_image_downloaded_through_the_fetcher(tg: TogetherSandbox) -> None:
+    init = png(64, 64, (10, 200, 10))
+    web = SafeFetcher(resolver=public_dns, transport=httpx.MockTransport(lambda r: httpx.Response(200, content=init)))
+    p = TogetherProvider(api_key=KEY, base_url=tg.base_url, fetcher=web)
+    try:
+        await p.generate(ImageRequest(prompt="a cat", init_image="https://images.example.invalid/cat.png"),
+                         KONTEXT_PRO, timeout_s=5.0)
+    finally:
+        await p.aclose()
+    url = sent(tg)["image_url"]
+    assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == init
+    assert "steps" not in sent(tg)
 
 
 async def test_inpaint_and_img2img_on_txt2img_models_are_rejected_with_reasons(tg: TogetherSandbox) -> None:

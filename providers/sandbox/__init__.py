@@ -2,10 +2,22 @@
 
 ``with OpenAISandbox() as sb:`` serves OpenAI's Images API at ``sb.base_url``;
 ``sb.faults.push(Fault.rate_limit(retry_after=2.0))`` makes the next request fail;
-``sb.requests`` records what arrived. :class:`SandboxServer` is the vendor-neutral base.
+``sb.requests`` records what arrived; ``sb.faults.push(Fault.hostile_image("bomb_image"))`` answers
+the next request as usual, billed, with a hostile image in it (every vendor).
+:class:`SandboxServer` is the vendor-neutral base.
 """
 
-from providers.sandbox._server import Fault, FaultPlan, RecordedRequest, Request, Response, SandboxServer, Upload
+from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
+    Fault,
+    FaultPlan,
+    RecordedRequest,
+    Request,
+    Response,
+    SandboxServer,
+    Upload,
+    hostile_image,
+)
 from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.openai import OpenAISandbox
 from providers.sandbox.replicate import ReplicateSandbox
@@ -13,6 +25,7 @@ from providers.sandbox.stability import StabilitySandbox
 from providers.sandbox.together import TogetherSandbox
 
 __all__ = [
+    "HOSTILE_IMAGE_FAULTS",
     "BFLSandbox",
     "Fault",
     "FaultPlan",
@@ -25,4 +38,5 @@ __all__ = [
     "StabilitySandbox",
     "TogetherSandbox",
     "Upload",
+    "hostile_image",
 ]

@@ -5,7 +5,9 @@ a background thread, one daemon thread per connection. It parses each request
 (JSON, urlencoded or multipart bodies), records it, consults the :class:`FaultPlan`
 and hands the request to the vendor subclass, which implements :meth:`handle` and
 :meth:`render_fault`. Two fault kinds are served here for every vendor: ``timeout``
-(wait, then answer normally) and ``disconnect`` (close the connection unanswered).
+(wait, then answer normally) and ``disconnect`` (close the connection unanswered). Every vendor
+also serves the :data:`HOSTILE_IMAGE_FAULTS`: its usual answer, billed, carrying a hostile image
+(:func:`hostile_image`) instead of the one it made.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import email.policy
+import functools
 import hashlib
 import http
+import io
 import json
 import logging
 import secrets
 import socket
 import socketserver
+import struct
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,8 +119,81 @@ class Fault:
         """The vendor's answer to a refused key, whatever key was sent."""
         return cls("auth", status=401)
 
+    @classmethod
+    def hostile_image(cls, kind: str) -> Fault:
+        """A normal answer, billed as usual, whose image is hostile (:func:`hostile_image`): ``bomb_image``,
+        ``truncated_image``, ``wrong_format_image`` or ``huge_image``."""
+        if kind not in HOSTILE_IMAGE_FAULTS:
+            raise ValueError(f"unknown hostile image {kind!r}; use one of {sorted(HOSTILE_IMAGE_FAULTS)}")
+        return cls(kind)
+
 
 GENERIC_FAULT_KINDS = frozenset({"timeout", "disconnect"})
+
+HOSTILE_IMAGE_FAULTS = frozenset({"bomb_image", "truncated_image", "wrong_format_image", "huge_image"})
+"""Faults every vendor sandbox serves: the answer is made and billed as usual, but the image in it is hostile."""
+
+
+# --- hostile images -----------------------------------------------------------------------
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+@functools.cache
+def hostile_image(kind: str) -> bytes:
+    """The bytes a hostile-image fault serves instead of the image (the corpus of RELIABILITY.md):
+
+    - ``bomb_image``: a 64x64 PNG carrying a zTXt chunk that inflates to 32 MiB (33 KB on the wire);
+    - ``truncated_image``: a 256x256 PNG whose pixel data stops half-way; its chunks, CRCs and IEND are
+      intact, so only decoding the pixels finds it out;
+    - ``wrong_format_image``: a FITS file (an image format, but not PNG, JPEG or WEBP);
+    - ``huge_image``: a PNG claiming 50,000 x 50,000 pixels, in 65 bytes.
+    """
+    if kind == "huge_image":
+        header = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+        return (
+            _PNG_SIG + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+        )
+    if kind == "bomb_image":
+        squeeze = zlib.compressobj(9)
+        text = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(32)) + squeeze.flush()
+        small = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 120, 200)).save(small, format="PNG")
+        plain = small.getvalue()
+        ihdr_end = len(_PNG_SIG) + 25
+        return plain[:ihdr_end] + _png_chunk(b"zTXt", b"Comment\0\0" + text) + plain[ihdr_end:]
+    if kind == "truncated_image":
+        noise = hashlib.shake_256(b"truncated_image").digest(256 * 256 * 3)
+        full = io.BytesIO()
+        Image.frombytes("RGB", (256, 256), noise).save(full, format="PNG")
+        data, pos, ihdr, idat = full.getvalue(), len(_PNG_SIG), b"", b""
+        while pos < len(data):
+            (length,) = struct.unpack(">I", data[pos : pos + 4])
+            ctype, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+            ihdr, idat = (body, idat) if ctype == b"IHDR" else (ihdr, idat + body if ctype == b"IDAT" else idat)
+            pos += 12 + length
+        return (
+            _PNG_SIG
+            + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", idat[: len(idat) // 2])
+            + _png_chunk(b"IEND", b"")
+        )
+    if kind == "wrong_format_image":
+        cards = (
+            "SIMPLE  =                    T",
+            "BITPIX  =                    8",
+            "NAXIS   =                    2",
+            "NAXIS1  =                   64",
+            "NAXIS2  =                   64",
+            "END",
+        )
+        header = "".join(f"{card:<80}" for card in cards).ljust(2880).encode("ascii")
+        return header + bytes(2880 * 2)
+    raise ValueError(f"unknown hostile image {kind!r}; use one of {sorted(HOSTILE_IMAGE_FAULTS)}")
 
 
 @dataclass

@@ -34,7 +34,10 @@ Moderated``), ``Fault("task_error")`` (the task ends ``Error``),
 ``Fault("task_not_found")`` (polls answer ``Task not found``), ``Fault("expired_output")``
 (every sample URL of the task is already expired). ``insufficient_credits`` is the 402.
 On :data:`SAMPLE_PATH`: ``server_error`` / ``rate_limit`` answer the blob store's 5xx,
-``auth`` its 403, ``malformed`` a 200 whose body is not an image.
+``auth`` its 403, ``malformed`` a 200 whose body is not an image. The hostile images
+(``Fault.hostile_image("bomb_image")``, ``truncated_image``, ``wrong_format_image``, ``huge_image``)
+make the next task Ready and billed as usual with :func:`~providers.sandbox._server.hostile_image`'s
+bytes as its sample; on :data:`SAMPLE_PATH`, that download only.
 """
 
 from __future__ import annotations
@@ -56,12 +59,14 @@ from typing import Any
 from PIL import Image
 
 from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
     VENDOR_FAULTS,
     Fault,
     Request,
     Response,
     SandboxError,
     SandboxServer,
+    hostile_image,
     synthetic_image,
 )
 from router.images import encode
@@ -83,8 +88,12 @@ MODERATION_STATUSES = ("Request Moderated", "Content Moderated")
 USD_PER_CREDIT = Decimal("0.01")  # "1 credit = $0.01 USD" (https://docs.bfl.ai/quick_start/pricing)
 # Credits per image (https://docs.bfl.ai/quick_start/pricing; github.com/black-forest-labs/skills
 # skills/bfl-api/SKILL.md "Model Endpoints & Pricing").
-FLAT_CREDITS = {"flux-pro-1.1": Decimal(4), "flux-pro-1.1-ultra": Decimal(6), "flux-kontext-pro": Decimal(4),
-                "flux-pro-1.0-fill": Decimal(5)}
+FLAT_CREDITS = {
+    "flux-pro-1.1": Decimal(4),
+    "flux-pro-1.1-ultra": Decimal(6),
+    "flux-kontext-pro": Decimal(4),
+    "flux-pro-1.0-fill": Decimal(5),
+}
 # FLUX.2 [pro]: 1st MP 3 credits, each further MP 1.5, inputs 1.5 per MP; "(firstMP + (outputMP-1) * mpPrice) +
 # (inputMP * mpPrice)" (github.com/black-forest-labs/skills skills/bfl-api/SKILL.md). Counted per started
 # megapixel of 1024x1024 pixels, each input image on its own (third-party notes, unconfirmed by BFL; see
@@ -167,6 +176,7 @@ def _int(low: int | None = None, high: int | None = None, multiple: int | None =
         if multiple is not None and value % multiple:
             raise _invalid(name, f"Input should be a multiple of {multiple}", "multiple_of")
         return value
+
     return check
 
 
@@ -179,6 +189,7 @@ def _num(low: float, high: float) -> _Check:
         if value > high:
             raise _invalid(name, f"Input should be less than or equal to {high}", "less_than_equal")
         return float(value)
+
     return check
 
 
@@ -188,6 +199,7 @@ def _enum(*allowed: str) -> _Check:
             listed = " or ".join(f"'{a}'" for a in allowed)
             raise _invalid(name, f"Input should be {listed}", "enum")
         return str(value)
+
     return check
 
 
@@ -232,14 +244,29 @@ _FLUX2_INPUTS = ("input_image", *(f"input_image_{i}" for i in range(2, 9)))  # u
 _KONTEXT_INPUTS = ("input_image", *(f"input_image_{i}" for i in range(2, 5)))  # FluxKontextProInputs
 MODEL_FIELDS: dict[str, dict[str, _Check]] = {
     "flux-pro-1.1": {**_COMMON, "width": _PRO11_SIDE, "height": _PRO11_SIDE, "image_prompt": _image},
-    "flux-2-pro": {**_COMMON, "safety_tolerance": _int(0, 5), "width": _FLUX2_SIDE, "height": _FLUX2_SIDE,
-                   **{k: _image for k in _FLUX2_INPUTS}},
-    "flux-pro-1.1-ultra": {**_COMMON, "aspect_ratio": _ratio, "raw": _bool, "image_prompt": _image,
-                           "image_prompt_strength": _num(0.0, 1.0)},
+    "flux-2-pro": {
+        **_COMMON,
+        "safety_tolerance": _int(0, 5),
+        "width": _FLUX2_SIDE,
+        "height": _FLUX2_SIDE,
+        **{k: _image for k in _FLUX2_INPUTS},
+    },
+    "flux-pro-1.1-ultra": {
+        **_COMMON,
+        "aspect_ratio": _ratio,
+        "raw": _bool,
+        "image_prompt": _image,
+        "image_prompt_strength": _num(0.0, 1.0),
+    },
     "flux-kontext-pro": {**_COMMON, "aspect_ratio": _ratio, **{k: _image for k in _KONTEXT_INPUTS}},
     # FluxProFillInputs: steps 15..50, guidance 1.5..100, image required
-    "flux-pro-1.0-fill": {**_COMMON, "image": _image, "mask": _image, "steps": _int(15, 50),
-                          "guidance": _num(1.5, 100.0)},
+    "flux-pro-1.0-fill": {
+        **_COMMON,
+        "image": _image,
+        "mask": _image,
+        "steps": _int(15, 50),
+        "guidance": _num(1.5, 100.0),
+    },
 }
 # Required fields: FluxKontextProInputs and FluxProFillInputs list them; FLUX.2: "The prompt is required"
 # (https://docs.bfl.ai/flux_2/flux2_text_to_image). FluxPro11Inputs and FluxUltraInput default prompt to ''.
@@ -312,10 +339,14 @@ class BFLSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = VENDOR_FAULTS | {"task_error", "task_not_found", "expired_output"}
+    fault_kinds = VENDOR_FAULTS | HOSTILE_IMAGE_FAULTS | {"task_error", "task_not_found", "expired_output"}
 
     def __init__(
-        self, api_key: str = "bfl-sandbox-key", *, pending_polls: int = 1, sample_ttl_s: float = 600.0,
+        self,
+        api_key: str = "bfl-sandbox-key",
+        *,
+        pending_polls: int = 1,
+        sample_ttl_s: float = 600.0,
         bill_multiplier: int | Decimal = 1,
     ) -> None:
         super().__init__()
@@ -361,8 +392,12 @@ class BFLSandbox(SandboxServer):
             return self._sample_fault(fault, request)
         if fault.kind == "rate_limit":
             headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            return ApiError(429, "You have exceeded the number of active tasks (24). Please wait for some tasks "
-                                 "to finish before submitting new ones.", headers).response()
+            return ApiError(
+                429,
+                "You have exceeded the number of active tasks (24). Please wait for some tasks "
+                "to finish before submitting new ones.",
+                headers,
+            ).response()
         if fault.kind == "server_error":
             status = fault.status or 500
             return ApiError(status, "Service Unavailable" if status == 503 else "Internal Server Error").response()
@@ -379,14 +414,15 @@ class BFLSandbox(SandboxServer):
         if fault.kind == "auth":
             return ApiError(fault.status or 401, "Not authenticated - Invalid Authentication").response()
         moderated = fault.message if fault.message in MODERATION_STATUSES else "Content Moderated"
-        outcomes = {"moderation": moderated, "task_error": "Error",
-                    "task_not_found": "Task not found"}
-        if fault.kind in outcomes or fault.kind == "expired_output":
+        outcomes = {"moderation": moderated, "task_error": "Error", "task_not_found": "Task not found"}
+        if fault.kind in outcomes or fault.kind == "expired_output" or fault.kind in HOSTILE_IMAGE_FAULTS:
             response = self.handle(request)
             task = self._task_of(response)
             if task is not None:
                 if fault.kind == "expired_output":
                     task.expired = True
+                elif fault.kind in HOSTILE_IMAGE_FAULTS:  # Ready and billed as usual; its sample is hostile
+                    task.image = hostile_image(fault.kind)
                 else:
                     task.outcome = outcomes[fault.kind]
             return response
@@ -397,13 +433,23 @@ class BFLSandbox(SandboxServer):
         if fault.kind in ("server_error", "rate_limit"):
             status = fault.status if fault.kind == "server_error" and fault.status else 503
             code = "ServerBusy" if status == 503 else "InternalError"
-            return _blob_error(status, code, "The server is busy." if status == 503 else "Server encountered an "
-                               "internal error. Please try again after some time.")
+            return _blob_error(
+                status,
+                code,
+                "The server is busy."
+                if status == 503
+                else "Server encountered an internal error. Please try again after some time.",
+            )
         if fault.kind == "auth":
             return _blob_error(403, "AuthenticationFailed", "Signature did not match.")
         if fault.kind == "malformed":
-            return Response(200, fault.body if fault.body is not None else b"\x89PNG\r\n\x1a\n truncated",
-                            {"content-type": "image/png"})
+            return Response(
+                200,
+                fault.body if fault.body is not None else b"\x89PNG\r\n\x1a\n truncated",
+                {"content-type": "image/png"},
+            )
+        if fault.kind in HOSTILE_IMAGE_FAULTS:
+            return Response(200, hostile_image(fault.kind), {"content-type": "image/png"})
         raise ValueError(f"fault kind {fault.kind!r} does not apply to sample downloads")
 
     # --- routes
@@ -422,12 +468,14 @@ class BFLSandbox(SandboxServer):
 
     def _submit(self, request: Request, model: str) -> Response:
         if request.media_type != "application/json" or request.body_error is not None:
-            raise ApiError(422, [{"loc": ["body"], "msg": "Input should be a valid JSON object",
-                                  "type": "model_attributes_type"}])
+            raise ApiError(
+                422, [{"loc": ["body"], "msg": "Input should be a valid JSON object", "type": "model_attributes_type"}]
+            )
         body = request.json
         if not isinstance(body, dict):
-            raise ApiError(422, [{"loc": ["body"], "msg": "Input should be a valid dictionary",
-                                  "type": "model_attributes_type"}])
+            raise ApiError(
+                422, [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "model_attributes_type"}]
+            )
         checks = MODEL_FIELDS[model]
         for name in body:
             if name not in checks:
@@ -448,10 +496,16 @@ class BFLSandbox(SandboxServer):
         task.id = f"{task.id[:8]}-{task.id[8:12]}-{task.id[12:16]}-{task.id[16:20]}-{task.id[20:]}"
         with self._tasks_lock:
             self.tasks[task.id] = task
-        return Response.json(200, {
-            "id": task.id, "polling_url": f"{self.origin}/v1/get_result?id={task.id}", "cost": float(credits),
-            "input_mp": round(sum(megapixels(*s) for s in inputs), 2), "output_mp": megapixels(*size),
-        })
+        return Response.json(
+            200,
+            {
+                "id": task.id,
+                "polling_url": f"{self.origin}/v1/get_result?id={task.id}",
+                "cost": float(credits),
+                "input_mp": round(sum(megapixels(*s) for s in inputs), 2),
+                "output_mp": megapixels(*size),
+            },
+        )
 
     def _poll(self, request: Request) -> Response:
         task_id = request.query.get("id")
@@ -463,8 +517,14 @@ class BFLSandbox(SandboxServer):
                 task.polls += 1
         if task is None or task.outcome == "Task not found":
             return Response.json(200, {"id": task_id, "status": "Task not found"})
-        answer: dict[str, Any] = {"id": task.id, "status": "Pending", "result": None, "progress": None,
-                                  "details": None, "preview": None}
+        answer: dict[str, Any] = {
+            "id": task.id,
+            "status": "Pending",
+            "result": None,
+            "progress": None,
+            "details": None,
+            "preview": None,
+        }
         if task.polls <= self.pending_polls:
             answer["progress"] = round(task.polls / (self.pending_polls + 1), 2)
             return Response.json(200, answer)
@@ -476,9 +536,14 @@ class BFLSandbox(SandboxServer):
         else:
             self._bill(task)
             expires = int(task.created - 1 if task.expired else time.time() + self.sample_ttl_s)
-            answer["result"] = {"sample": self._signed(task, expires), "prompt": task.prompt, "seed": task.seed,
-                                "start_time": task.created, "end_time": time.time(),
-                                "duration": round(time.time() - task.created, 3)}
+            answer["result"] = {
+                "sample": self._signed(task, expires),
+                "prompt": task.prompt,
+                "seed": task.seed,
+                "start_time": task.created,
+                "end_time": time.time(),
+                "duration": round(time.time() - task.created, 3),
+            }
         return Response.json(200, answer)
 
     def _bill(self, task: _Task) -> None:
@@ -520,6 +585,7 @@ class BFLSandbox(SandboxServer):
 
 
 def _blob_error(status: int, code: str, message: str) -> Response:
-    body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code>'
-            f"<Message>{message}</Message></Error>").encode()
+    body = (
+        f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    ).encode()
     return Response(status, body, {"content-type": "application/xml"})

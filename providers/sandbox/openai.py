@@ -35,7 +35,9 @@ published gpt-image-2 rates (``PUBLISHED_USD_PER_MTOK``: $5 text in, $8 image in
 out per million tokens, https://platform.openai.com/docs/pricing, as of 2026-11) and summed
 in ``sb.billed_usd``. ``sb.bill_multiplier = k`` makes every answer report ``k`` times its
 tokens (a vendor billing more than its published table says). The ``broken_image`` fault
-answers 200 with the usual ``usage`` (billed) and an image that does not decode.
+answers 200 with the usual ``usage`` (billed) and an image that does not decode; the hostile-image
+faults (``Fault.hostile_image("bomb_image")``, ``truncated_image``, ``wrong_format_image``,
+``huge_image``) the same, with :func:`~providers.sandbox._server.hostile_image`'s bytes.
 
 The response reports what was produced: ``quality`` auto as "medium", ``background``
 auto/opaque as "opaque", ``size`` as "WxH" (custom sizes too, though the spec's enum
@@ -61,7 +63,17 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from providers.sandbox._server import VENDOR_FAULTS, Fault, Request, Response, SandboxError, SandboxServer, Upload
+from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
+    VENDOR_FAULTS,
+    Fault,
+    Request,
+    Response,
+    SandboxError,
+    SandboxServer,
+    Upload,
+    hostile_image,
+)
 
 DEFAULT_MODEL = "gpt-image-2"
 MODELS = ("gpt-image-2", "gpt-image-2-2026-04-21")
@@ -138,21 +150,37 @@ def _type_name(value: Any) -> str:
 
 def _want_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ApiError(400, f"Invalid type for '{name}': expected a string, but got {_type_name(value)} instead.",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected a string, but got {_type_name(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     return value
 
 
 def _want_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected an integer, but got {_type_name(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     if value < low:
-        raise ApiError(400, f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, "
-                       f"but got {value} instead.", param=name, code="integer_below_min_value")
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
+            param=name,
+            code="integer_below_min_value",
+        )
     if value > high:
-        raise ApiError(400, f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, "
-                       f"but got {value} instead.", param=name, code="integer_above_max_value")
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer above maximum value. Expected a value <= {high}, but got {value} instead.",
+            param=name,
+            code="integer_above_max_value",
+        )
     return value
 
 
@@ -160,41 +188,63 @@ def _want_enum(name: str, value: Any, allowed: Sequence[str]) -> str:
     text = _want_str(name, value)
     if text not in allowed:
         listed = ", ".join(f"'{a}'" for a in allowed)
-        raise ApiError(400, f"Invalid value: '{text}'. Supported values are: {listed}.", param=name,
-                       code="invalid_value")
+        raise ApiError(
+            400, f"Invalid value: '{text}'. Supported values are: {listed}.", param=name, code="invalid_value"
+        )
     return text
 
 
 def _want_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ApiError(400, f"Invalid type for '{name}': expected a boolean, but got {_type_name(value)} instead.",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected a boolean, but got {_type_name(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     return value
 
 
 def _want_ref(name: str, value: Any) -> dict[str, str]:
     """An image reference: an object with exactly one of ``image_url`` and ``file_id``, a string."""
     if not isinstance(value, dict):
-        raise ApiError(400, f"Invalid type for '{name}': expected an object, but got {_type_name(value)} instead.",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected an object, but got {_type_name(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     if len(value) != 1 or not set(value) <= {"image_url", "file_id"}:
-        raise ApiError(400, f"Invalid '{name}': give exactly one of 'image_url' and 'file_id'.", param=name,
-                       code="invalid_value")
+        raise ApiError(
+            400, f"Invalid '{name}': give exactly one of 'image_url' and 'file_id'.", param=name, code="invalid_value"
+        )
     key, ref = next(iter(value.items()))
     return {key: _want_str(f"{name}.{key}", ref)}
 
 
 def _want_refs(name: str, value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise ApiError(400, f"Invalid type for '{name}': expected an array, but got {_type_name(value)} instead.",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected an array, but got {_type_name(value)} instead.",
+            param=name,
+            code="invalid_type",
+        )
     if not value:
-        raise ApiError(400, f"Invalid '{name}': empty array. Expected an array with minimum length 1, but got an "
-                       "empty array instead.", param=name, code="empty_array")
+        raise ApiError(
+            400,
+            f"Invalid '{name}': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+            param=name,
+            code="empty_array",
+        )
     if len(value) > MAX_EDIT_IMAGES:
-        raise ApiError(400, f"Invalid '{name}': array too long. Expected an array with maximum length "
-                       f"{MAX_EDIT_IMAGES}, but got an array with length {len(value)} instead.", param=name,
-                       code="array_above_max_length")
+        raise ApiError(
+            400,
+            f"Invalid '{name}': array too long. Expected an array with maximum length "
+            f"{MAX_EDIT_IMAGES}, but got an array with length {len(value)} instead.",
+            param=name,
+            code="array_above_max_length",
+        )
     return [_want_ref(name, ref) for ref in value]
 
 
@@ -204,8 +254,9 @@ def parse_size(value: str) -> tuple[int, int]:
         return 1024, 1024
     match = _SIZE_RE.fullmatch(value)
     if match is None:
-        raise ApiError(400, f"Invalid size '{value}': use 'auto' or 'WIDTHxHEIGHT'.", param="size",
-                       code="invalid_value")
+        raise ApiError(
+            400, f"Invalid size '{value}': use 'auto' or 'WIDTHxHEIGHT'.", param="size", code="invalid_value"
+        )
     w, h = int(match[1]), int(match[2])
     problem = None
     if w % 16 or h % 16:
@@ -255,18 +306,20 @@ def _check_fields(body: dict[str, Any], checks: dict[str, _Check]) -> dict[str, 
     """The body's fields, type- and value-checked; nulls dropped (so defaults apply)."""
     for name in body:
         if name not in checks and name not in _NOT_FOR_GPT_IMAGE:
-            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                           code="unknown_parameter")
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
     if "prompt" not in body:
-        raise ApiError(400, "Missing required parameter: 'prompt'.", param="prompt",
-                       code="missing_required_parameter")
+        raise ApiError(400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
     values: dict[str, Any] = {}
     for name, value in body.items():
         if value is None and name not in _NOT_NULLABLE:
             continue
         if name in _NOT_FOR_GPT_IMAGE:
-            raise ApiError(400, f"'{name}' is not supported with GPT image models, which always return b64_json.",
-                           param=name, code="unsupported_parameter")
+            raise ApiError(
+                400,
+                f"'{name}' is not supported with GPT image models, which always return b64_json.",
+                param=name,
+                code="unsupported_parameter",
+            )
         values[name] = checks[name](name, value)
     return values
 
@@ -274,28 +327,43 @@ def _check_fields(body: dict[str, Any], checks: dict[str, _Check]) -> dict[str, 
 def _resolve(values: dict[str, Any]) -> _Params:
     prompt: str = values["prompt"]
     if not prompt.strip():
-        raise ApiError(400, "Invalid 'prompt': empty string. Expected a non-empty description.", param="prompt",
-                       code="empty_string")
+        raise ApiError(
+            400,
+            "Invalid 'prompt': empty string. Expected a non-empty description.",
+            param="prompt",
+            code="empty_string",
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(400, f"Invalid 'prompt': string too long. Expected at most {MAX_PROMPT_CHARS} characters, "
-                       f"but got {len(prompt)} characters instead.", param="prompt", code="string_above_max_length")
+        raise ApiError(
+            400,
+            f"Invalid 'prompt': string too long. Expected at most {MAX_PROMPT_CHARS} characters, "
+            f"but got {len(prompt)} characters instead.",
+            param="prompt",
+            code="string_above_max_length",
+        )
     model: str = values.get("model", DEFAULT_MODEL)
     if not model.startswith("gpt-image-2"):
         why = "has been retired" if model in RETIRED_MODELS else "does not exist or you do not have access to it"
         raise ApiError(404, f"The model `{model}` {why}.", code="model_not_found")
     if values.get("stream"):
-        raise ApiError(400, "Streaming ('stream': true) is not emulated by this sandbox.", param="stream",
-                       code="unsupported_value")
+        raise ApiError(
+            400, "Streaming ('stream': true) is not emulated by this sandbox.", param="stream", code="unsupported_value"
+        )
     width, height = parse_size(values.get("size", "auto"))
     fmt: str = values.get("output_format", "png")
     background: str = values.get("background", "auto")
     compression: int = values.get("output_compression", 100)
     if background == "transparent" and fmt == "jpeg":
-        raise ApiError(400, "Transparent backgrounds need output_format 'png' or 'webp'.", param="background",
-                       code="invalid_value")
+        raise ApiError(
+            400, "Transparent backgrounds need output_format 'png' or 'webp'.", param="background", code="invalid_value"
+        )
     if fmt == "png" and compression < 100:
-        raise ApiError(400, "output_compression below 100 needs output_format 'jpeg' or 'webp'.",
-                       param="output_compression", code="invalid_value")
+        raise ApiError(
+            400,
+            "output_compression below 100 needs output_format 'jpeg' or 'webp'.",
+            param="output_compression",
+            code="invalid_value",
+        )
     quality: str = values.get("quality", "auto")
     return _Params(
         prompt=prompt,
@@ -315,15 +383,20 @@ def _form_values(request: Request) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for name, text in request.fields:
         if name in ("image", "image[]", "mask"):
-            raise ApiError(400, f"'{name}' must be uploaded as a file.", param=name.removesuffix("[]"),
-                           code="invalid_type")
+            raise ApiError(
+                400, f"'{name}' must be uploaded as a file.", param=name.removesuffix("[]"), code="invalid_type"
+            )
         value: Any = text
         if name in _INT_FIELDS:
             try:
                 value = int(text)
             except ValueError:
-                raise ApiError(400, f"Invalid type for '{name}': expected an integer, but got a string instead.",
-                               param=name, code="invalid_type") from None
+                raise ApiError(
+                    400,
+                    f"Invalid type for '{name}': expected an integer, but got a string instead.",
+                    param=name,
+                    code="invalid_type",
+                ) from None
         elif name == "stream" and text in ("true", "false"):
             value = text == "true"
         body[name] = value
@@ -386,8 +459,15 @@ _flights_lock = threading.Lock()
 
 def _generated(prompt: str, index: int, params: _Params) -> bytes:
     """The encoded image, drawn once however many requests ask for it at the same time."""
-    key = (prompt, index, params.width, params.height, params.background, params.output_format,
-           params.output_compression)
+    key = (
+        prompt,
+        index,
+        params.width,
+        params.height,
+        params.background,
+        params.output_format,
+        params.output_compression,
+    )
     with _flights_lock:
         flight = _flights.setdefault(key, threading.Lock())
     with flight:
@@ -422,21 +502,33 @@ def _edited(params: _Params, index: int, source: Image.Image, mask: Image.Image 
 
 def _open_image(upload: Upload, *, what: str, formats: Sequence[str], max_bytes: int) -> Image.Image:
     if len(upload.data) > max_bytes:
-        raise ApiError(400, f"Invalid '{what}': the file is over {max_bytes // (1024 * 1024)} MB.", param=what,
-                       code="image_too_large")
+        raise ApiError(
+            400,
+            f"Invalid '{what}': the file is over {max_bytes // (1024 * 1024)} MB.",
+            param=what,
+            code="image_too_large",
+        )
     try:
         with Image.open(io.BytesIO(upload.data), formats=list(formats)) as img:
             if img.width * img.height > MAX_PIXELS * 4:
-                raise ApiError(400, f"Invalid '{what}': {img.width}x{img.height} has too many pixels.", param=what,
-                               code="image_too_large")
+                raise ApiError(
+                    400,
+                    f"Invalid '{what}': {img.width}x{img.height} has too many pixels.",
+                    param=what,
+                    code="image_too_large",
+                )
             img.load()
             return img.copy()
     except ApiError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         listed = ", ".join(f.lower() for f in formats)
-        raise ApiError(400, f"Invalid '{what}': unreadable or unsupported image file; use {listed}.", param=what,
-                       code="invalid_image_format") from None
+        raise ApiError(
+            400,
+            f"Invalid '{what}': unreadable or unsupported image file; use {listed}.",
+            param=what,
+            code="invalid_image_format",
+        ) from None
 
 
 def _referenced_image(ref: dict[str, str], *, what: str, formats: Sequence[str], max_bytes: int) -> Image.Image:
@@ -446,18 +538,31 @@ def _referenced_image(ref: dict[str, str], *, what: str, formats: Sequence[str],
     url = ref["image_url"]
     head, sep, payload = url.partition(",")
     if url.startswith(("http://", "https://")):
-        raise ApiError(400, f"Error while downloading {url}: this sandbox downloads no images; send a data URL.",
-                       param=what, code="invalid_image_url")
+        raise ApiError(
+            400,
+            f"Error while downloading {url}: this sandbox downloads no images; send a data URL.",
+            param=what,
+            code="invalid_image_url",
+        )
     if not (sep and head.startswith("data:") and head.endswith(";base64")):
-        raise ApiError(400, f"Invalid '{what}': expected an http(s) URL or a base64 data URL.", param=what,
-                       code="invalid_image_url")
+        raise ApiError(
+            400,
+            f"Invalid '{what}': expected an http(s) URL or a base64 data URL.",
+            param=what,
+            code="invalid_image_url",
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except ValueError:
-        raise ApiError(400, f"Invalid '{what}': the data URL is not valid base64.", param=what,
-                       code="invalid_image_url") from None
-    return _open_image(Upload(what, None, head.removeprefix("data:").removesuffix(";base64"), data), what=what,
-                       formats=formats, max_bytes=max_bytes)
+        raise ApiError(
+            400, f"Invalid '{what}': the data URL is not valid base64.", param=what, code="invalid_image_url"
+        ) from None
+    return _open_image(
+        Upload(what, None, head.removeprefix("data:").removesuffix(";base64"), data),
+        what=what,
+        formats=formats,
+        max_bytes=max_bytes,
+    )
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -475,7 +580,7 @@ class OpenAISandbox(SandboxServer):
     """
 
     base_path = "/v1"
-    fault_kinds = VENDOR_FAULTS | {"broken_image"}
+    fault_kinds = VENDOR_FAULTS | {"broken_image"} | HOSTILE_IMAGE_FAULTS
 
     def __init__(self, api_key: str = "sk-sandbox") -> None:
         super().__init__()
@@ -493,9 +598,11 @@ class OpenAISandbox(SandboxServer):
 
     def _bill(self, reported: dict[str, Any]) -> None:
         details = reported.get("input_tokens_details") or {}
-        cost = (Decimal(details.get("text_tokens", 0)) * PUBLISHED_USD_PER_MTOK["text"]
-                + Decimal(details.get("image_tokens", 0)) * PUBLISHED_USD_PER_MTOK["image"]
-                + Decimal(reported.get("output_tokens", 0)) * PUBLISHED_USD_PER_MTOK["output"]) / 1_000_000
+        cost = (
+            Decimal(details.get("text_tokens", 0)) * PUBLISHED_USD_PER_MTOK["text"]
+            + Decimal(details.get("image_tokens", 0)) * PUBLISHED_USD_PER_MTOK["image"]
+            + Decimal(reported.get("output_tokens", 0)) * PUBLISHED_USD_PER_MTOK["output"]
+        ) / 1_000_000
         with self._bill_lock:
             self._billed += cost
 
@@ -506,8 +613,9 @@ class OpenAISandbox(SandboxServer):
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return ApiError(401, "No API key was sent: authenticate with 'Authorization: Bearer <key>'.",
-                            code=None).response()
+            return ApiError(
+                401, "No API key was sent: authenticate with 'Authorization: Bearer <key>'.", code=None
+            ).response()
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             return _bad_key(token).response()
         return None
@@ -531,35 +639,55 @@ class OpenAISandbox(SandboxServer):
                 headers["retry-after-ms"] = str(round(seconds * 1000))
                 headers["x-ratelimit-reset-requests"] = f"{seconds}s"
                 wait = f" Please try again in {seconds}s."
-            return ApiError(429, f"Rate limit reached for requests to {DEFAULT_MODEL}.{wait}", type="requests",
-                            code="rate_limit_exceeded", headers=headers).response()
+            return ApiError(
+                429,
+                f"Rate limit reached for requests to {DEFAULT_MODEL}.{wait}",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers=headers,
+            ).response()
         if fault.kind == "server_error":
             status = fault.status or 500
-            message = ("The server is overloaded; try again later." if status == 503
-                       else "The server had an error while processing the request.")
+            message = (
+                "The server is overloaded; try again later."
+                if status == 503
+                else "The server had an error while processing the request."
+            )
             return ApiError(status, message, type="server_error").response()
         if fault.kind == "moderation":
-            return ApiError(400, fault.message or "The request was rejected by the safety system.",
-                            type="image_generation_user_error", code="moderation_blocked").response()
+            return ApiError(
+                400,
+                fault.message or "The request was rejected by the safety system.",
+                type="image_generation_user_error",
+                code="moderation_blocked",
+            ).response()
         if fault.kind == "malformed":
             body = fault.body if fault.body is not None else b'{"created": 1713833628, "data": [{"b64_json": "iVBO'
             return Response(200, body, {"content-type": "application/json"})
         if fault.kind == "insufficient_credits":
-            return ApiError(429, "You exceeded your current quota; check the plan and billing details.",
-                            type="insufficient_quota", code="insufficient_quota").response()
+            return ApiError(
+                429,
+                "You exceeded your current quota; check the plan and billing details.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+            ).response()
         if fault.kind == "invalid_request":
             message = fault.message or (f"Invalid value for '{fault.param}'." if fault.param else "Invalid request.")
-            return ApiError(fault.status or 400, message, param=fault.param,
-                            code=fault.code or "invalid_value").response()
+            return ApiError(
+                fault.status or 400, message, param=fault.param, code=fault.code or "invalid_value"
+            ).response()
         if fault.kind == "auth":
             return _bad_key(self.api_key).response()
-        if fault.kind == "broken_image":  # served and billed as usual, but the image does not decode
-            served = self.handle(request)
+        if fault.kind == "broken_image" or fault.kind in HOSTILE_IMAGE_FAULTS:  # served and billed as usual,
+            served = self.handle(request)  # but the image is not one, or a hostile one
             if served.status != 200:
                 return served
             body = json.loads(served.body)
+            image = b"\x89PNG\r\n\x1a\n not an image"
+            if fault.kind in HOSTILE_IMAGE_FAULTS:
+                image = hostile_image(fault.kind)
             for item in body["data"]:
-                item["b64_json"] = base64.b64encode(b"\x89PNG\r\n\x1a\n not an image").decode()
+                item["b64_json"] = base64.b64encode(image).decode()
             return Response.json(200, body)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
@@ -576,8 +704,9 @@ class OpenAISandbox(SandboxServer):
         if request.method == "GET" and request.path.startswith("/v1/models/"):
             model = request.path.removeprefix("/v1/models/")
             if model not in MODELS:
-                raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                               code="model_not_found")
+                raise ApiError(
+                    404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found"
+                )
             return Response.json(200, _model(model))
         raise ApiError(404, f"Invalid URL ({request.method} {request.path})")
 
@@ -599,17 +728,26 @@ class OpenAISandbox(SandboxServer):
             raise ApiError(400, f"The multipart body could not be read: {request.body_error}.")
         for upload in request.uploads:
             if upload.name not in ("image", "image[]", "mask"):
-                raise ApiError(400, f"Unrecognized request argument supplied: {upload.name}", param=upload.name,
-                               code="unknown_parameter")
+                raise ApiError(
+                    400,
+                    f"Unrecognized request argument supplied: {upload.name}",
+                    param=upload.name,
+                    code="unknown_parameter",
+                )
         body = _form_values(request)
         params = _resolve(_check_fields(body, _EDIT_FIELDS))
         uploads = request.uploads_named("image", "image[]")
         if not uploads:
-            raise ApiError(400, "Missing required parameter: 'image'.", param="image",
-                           code="missing_required_parameter")
+            raise ApiError(
+                400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+            )
         if len(uploads) > MAX_EDIT_IMAGES:
-            raise ApiError(400, f"Invalid 'image': at most {MAX_EDIT_IMAGES} images, got {len(uploads)}.",
-                           param="image", code="too_many_images")
+            raise ApiError(
+                400,
+                f"Invalid 'image': at most {MAX_EDIT_IMAGES} images, got {len(uploads)}.",
+                param="image",
+                code="too_many_images",
+            )
         sources = [_open_image(u, what="image", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES) for u in uploads]
         masks = request.uploads_named("mask")
         if len(masks) > 1:
@@ -625,10 +763,10 @@ class OpenAISandbox(SandboxServer):
         mask_ref: dict[str, str] | None = values.pop("mask", None)
         params = _resolve(values)
         if not refs:
-            raise ApiError(400, "Missing required parameter: 'images'.", param="images",
-                           code="missing_required_parameter")
-        sources = [_referenced_image(r, what="images", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES)
-                   for r in refs]
+            raise ApiError(
+                400, "Missing required parameter: 'images'.", param="images", code="missing_required_parameter"
+            )
+        sources = [_referenced_image(r, what="images", formats=_INPUT_FORMATS, max_bytes=MAX_IMAGE_BYTES) for r in refs]
         mask = None
         if mask_ref is not None:
             mask = _referenced_image(mask_ref, what="mask", formats=("PNG",), max_bytes=MAX_MASK_BYTES)
@@ -637,11 +775,20 @@ class OpenAISandbox(SandboxServer):
     def _edited_images(self, params: _Params, sources: list[Image.Image], mask: Image.Image | None) -> Response:
         if mask is not None:
             if not _has_alpha(mask):
-                raise ApiError(400, "Invalid 'mask': the PNG needs an alpha channel (alpha 0 marks the edit).",
-                               param="mask", code="invalid_value")
+                raise ApiError(
+                    400,
+                    "Invalid 'mask': the PNG needs an alpha channel (alpha 0 marks the edit).",
+                    param="mask",
+                    code="invalid_value",
+                )
             if mask.size != sources[0].size:
-                raise ApiError(400, f"Invalid 'mask': {mask.width}x{mask.height} differs from the first image's "
-                               f"{sources[0].width}x{sources[0].height}.", param="mask", code="invalid_value")
+                raise ApiError(
+                    400,
+                    f"Invalid 'mask': {mask.width}x{mask.height} differs from the first image's "
+                    f"{sources[0].width}x{sources[0].height}.",
+                    param="mask",
+                    code="invalid_value",
+                )
         images = [_edited(params, i, sources[0], mask) for i in range(params.n)]
         return self._images(params, images, usage(params, [s.size for s in sources]))
 
@@ -650,15 +797,18 @@ class OpenAISandbox(SandboxServer):
         if self.bill_multiplier != 1:
             reported = _scaled(reported, self.bill_multiplier)
         self._bill(reported)
-        return Response.json(200, {
-            "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(data).decode()} for data in images],
-            "background": params.background,
-            "output_format": params.output_format,
-            "size": f"{params.width}x{params.height}",
-            "quality": params.quality,
-            "usage": reported,
-        })
+        return Response.json(
+            200,
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(data).decode()} for data in images],
+                "background": params.background,
+                "output_format": params.output_format,
+                "size": f"{params.width}x{params.height}",
+                "quality": params.quality,
+                "usage": reported,
+            },
+        )
 
 
 def _scaled(reported: dict[str, Any], k: int) -> dict[str, Any]:
@@ -668,8 +818,9 @@ def _scaled(reported: dict[str, Any], k: int) -> dict[str, Any]:
 
 def _bad_key(sent: str) -> ApiError:
     shown = sent[: min(5, len(sent) // 2)]
-    return ApiError(401, f"Incorrect API key provided: {shown}***. Check the key and try again.",
-                    code="invalid_api_key")
+    return ApiError(
+        401, f"Incorrect API key provided: {shown}***. Check the key and try again.", code="invalid_api_key"
+    )
 
 
 def _model(model: str) -> dict[str, Any]:

@@ -26,7 +26,10 @@ stays ``processing`` forever), ``Fault("aborted")`` (it ends ``aborted``, never 
 started), ``Fault("canceled")`` (it ran, then ended ``canceled``), and
 ``Fault("output_unavailable", status=503)`` aimed at an output file's path
 (:meth:`ReplicateSandbox.output_path`; ``times=`` how many downloads fail), and
-``Fault("corrupt_output")`` (that file answers 200 with bytes that are not an image).
+``Fault("corrupt_output")`` (that file answers 200 with bytes that are not an image). The hostile
+images (``Fault.hostile_image("bomb_image")``, ``truncated_image``, ``wrong_format_image``,
+``huge_image``) make the next prediction succeed, billed, with every output file holding
+:func:`~providers.sandbox._server.hostile_image`'s bytes; aimed at an output file's path, that file.
 ``insufficient_credits`` is the 402.
 
 Billing: :attr:`ReplicateSandbox.billed_usd` is what the sandbox billed — official models
@@ -58,19 +61,29 @@ from typing import Any
 from PIL import Image
 
 from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
     VENDOR_FAULTS,
     Fault,
     Request,
     Response,
     SandboxError,
     SandboxServer,
+    hostile_image,
     synthetic_image,
 )
 from router.images import encode
 
 RATIO_SIZES: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
-    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
 NSFW_ERROR = "NSFW content detected. Try running it again, or try a different prompt."
@@ -107,10 +120,15 @@ class ApiError(SandboxError):
         self.status, self.title, self.detail, self.headers = status, title, detail, headers or {}
 
     def response(self) -> Response:
-        body = {"type": "https://replicate.com/docs/errors", "title": self.title, "status": self.status,
-                "detail": self.detail}
-        return Response(self.status, json.dumps(body).encode(),
-                        {"content-type": "application/problem+json", **self.headers})
+        body = {
+            "type": "https://replicate.com/docs/errors",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        return Response(
+            self.status, json.dumps(body).encode(), {"content-type": "application/problem+json", **self.headers}
+        )
 
 
 def _invalid(name: str, msg: str) -> ApiError:
@@ -139,6 +157,7 @@ def _int(low: int, high: int) -> _Check:
         if not low <= value <= high:
             raise _invalid(name, f"Must be between {low} and {high}")
         return value
+
     return check
 
 
@@ -149,6 +168,7 @@ def _num(low: float, high: float) -> _Check:
         if not low <= value <= high:
             raise _invalid(name, f"Must be between {low} and {high}")
         return float(value)
+
     return check
 
 
@@ -157,6 +177,7 @@ def _enum(*allowed: str) -> _Check:
         if value not in allowed:
             raise _invalid(name, f"{name} must be one of the following: " + ", ".join(f'"{a}"' for a in allowed))
         return str(value)
+
     return check
 
 
@@ -175,30 +196,57 @@ def _image(name: str, value: Any) -> Image.Image:
 
 
 _COMMON: dict[str, _Check] = {
-    "prompt": _str, "aspect_ratio": _enum(*RATIO_SIZES), "seed": _int(0, 2**32 - 1),
-    "output_format": _enum("webp", "jpg", "png"), "output_quality": _int(0, 100),
+    "prompt": _str,
+    "aspect_ratio": _enum(*RATIO_SIZES),
+    "seed": _int(0, 2**32 - 1),
+    "output_format": _enum("webp", "jpg", "png"),
+    "output_quality": _int(0, 100),
 }
 _FLUX: dict[str, _Check] = {
-    **_COMMON, "num_outputs": _int(1, 4), "go_fast": _bool, "megapixels": _enum("1", "0.25"),
+    **_COMMON,
+    "num_outputs": _int(1, 4),
+    "go_fast": _bool,
+    "megapixels": _enum("1", "0.25"),
     "disable_safety_checker": _bool,
 }
 # Inpaint and control models: no aspect_ratio or num_outputs; the output takes the input image's shape.
 _INPUT_SHAPED: dict[str, _Check] = {
-    "prompt": _str, "seed": _int(0, 2**32 - 1), "steps": _int(15, 50), "guidance": _num(1.5, 100),
-    "output_format": _enum("jpg", "png"), "safety_tolerance": _int(1, 6), "prompt_upsampling": _bool,
+    "prompt": _str,
+    "seed": _int(0, 2**32 - 1),
+    "steps": _int(15, 50),
+    "guidance": _num(1.5, 100),
+    "output_format": _enum("jpg", "png"),
+    "safety_tolerance": _int(1, 6),
+    "prompt_upsampling": _bool,
 }
 MODEL_FIELDS: dict[str, dict[str, _Check]] = {
     "black-forest-labs/flux-schnell": {**_FLUX, "num_inference_steps": _int(1, 4)},
-    "black-forest-labs/flux-dev": {**_FLUX, "num_inference_steps": _int(1, 50), "guidance": _num(0, 10),
-                                   "image": _image, "prompt_strength": _num(0, 1)},
-    "black-forest-labs/flux-dev-lora": {**_FLUX, "num_inference_steps": _int(1, 50), "guidance": _num(0, 10),
-                                        "image": _image, "prompt_strength": _num(0, 1), "lora_weights": _str,
-                                        "lora_scale": _num(-1, 3)},
+    "black-forest-labs/flux-dev": {
+        **_FLUX,
+        "num_inference_steps": _int(1, 50),
+        "guidance": _num(0, 10),
+        "image": _image,
+        "prompt_strength": _num(0, 1),
+    },
+    "black-forest-labs/flux-dev-lora": {
+        **_FLUX,
+        "num_inference_steps": _int(1, 50),
+        "guidance": _num(0, 10),
+        "image": _image,
+        "prompt_strength": _num(0, 1),
+        "lora_weights": _str,
+        "lora_scale": _num(-1, 3),
+    },
     "black-forest-labs/flux-fill-pro": {**_INPUT_SHAPED, "image": _image, "mask": _image},
     "black-forest-labs/flux-canny-pro": {**_INPUT_SHAPED, "control_image": _image},
     "black-forest-labs/flux-depth-pro": {**_INPUT_SHAPED, "control_image": _image},
-    "black-forest-labs/flux-1.1-pro": {**_COMMON, "safety_tolerance": _int(1, 6), "prompt_upsampling": _bool,
-                                       "width": _int(256, 1440), "height": _int(256, 1440)},
+    "black-forest-labs/flux-1.1-pro": {
+        **_COMMON,
+        "safety_tolerance": _int(1, 6),
+        "prompt_upsampling": _bool,
+        "width": _int(256, 1440),
+        "height": _int(256, 1440),
+    },
 }
 _FILE_INPUTS = frozenset({"image", "mask", "control_image"})
 
@@ -214,9 +262,19 @@ def _side(name: str, value: Any) -> int:
 
 # Version-pinned community models: version id → (model, input fields).
 VERSIONS: dict[str, tuple[str, dict[str, _Check]]] = {
-    SDXL_VERSION: ("stability-ai/sdxl", {
-        "prompt": _str, "negative_prompt": _str, "width": _side, "height": _side, "num_outputs": _int(1, 4),
-        "seed": _int(0, 2**32 - 1), "num_inference_steps": _int(1, 500), "guidance_scale": _num(1, 50)}),
+    SDXL_VERSION: (
+        "stability-ai/sdxl",
+        {
+            "prompt": _str,
+            "negative_prompt": _str,
+            "width": _side,
+            "height": _side,
+            "num_outputs": _int(1, 4),
+            "seed": _int(0, 2**32 - 1),
+            "num_inference_steps": _int(1, 500),
+            "guidance_scale": _num(1, 50),
+        },
+    ),
 }
 VERSION_HARDWARE: dict[str, str] = {SDXL_VERSION: "gpu-h100"}
 
@@ -267,8 +325,11 @@ def _not_found() -> ApiError:
 
 
 def _invalid_version() -> ApiError:
-    return ApiError(422, "Invalid version or not permitted",
-                    "The specified version does not exist (or perhaps you don't have permission to use it?)")
+    return ApiError(
+        422,
+        "Invalid version or not permitted",
+        "The specified version does not exist (or perhaps you don't have permission to use it?)",
+    )
 
 
 class ReplicateSandbox(SandboxServer):
@@ -281,12 +342,22 @@ class ReplicateSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = VENDOR_FAULTS | {"model_error", "expired_output", "slow", "aborted", "canceled",
-                                   "output_unavailable", "corrupt_output"}
+    fault_kinds = (
+        VENDOR_FAULTS
+        | HOSTILE_IMAGE_FAULTS
+        | {"model_error", "expired_output", "slow", "aborted", "canceled", "output_unavailable", "corrupt_output"}
+    )
 
-    def __init__(self, api_token: str = "r8_sandbox", *, wait_completes: bool = True, pending_polls: int = 1,
-                 output_ttl_s: float = 3600.0, predict_time: float = 1.25,
-                 bill_multiplier: Decimal | int = 1) -> None:
+    def __init__(
+        self,
+        api_token: str = "r8_sandbox",
+        *,
+        wait_completes: bool = True,
+        pending_polls: int = 1,
+        output_ttl_s: float = 3600.0,
+        predict_time: float = 1.25,
+        bill_multiplier: Decimal | int = 1,
+    ) -> None:
         super().__init__()
         self.api_token = api_token
         self.wait_completes = wait_completes
@@ -335,17 +406,25 @@ class ReplicateSandbox(SandboxServer):
         return ApiError(500, "Internal Server Error", "An unexpected error occurred").response()
 
     def render_fault(self, fault: Fault, request: Request) -> Response:
+        if fault.kind in HOSTILE_IMAGE_FAULTS:
+            if request.path.startswith("/delivery/"):  # aimed at one output file
+                return Response(200, hostile_image(fault.kind), {"content-type": "image/png"})
+            pred = self._pending_create(request)  # else: the prediction succeeds, billed, every output hostile
+            pred.outputs = [hostile_image(fault.kind)] * len(pred.outputs)
+            return self._answer_create(request, pred)
         if fault.kind in ("output_unavailable", "corrupt_output"):
             if not request.path.startswith("/delivery/"):
                 raise ValueError(f"aim {fault.kind} at an output file: path=sandbox.output_path(...)")
             if fault.kind == "corrupt_output":  # 200, but the bytes are not an image
                 return Response(200, fault.body or b"\x89PNG\r\n\x1a\n truncated", {"content-type": "image/png"})
-            return Response(fault.status or 503, (fault.message or "Service Unavailable").encode(),
-                            {"content-type": "text/plain"})
+            return Response(
+                fault.status or 503, (fault.message or "Service Unavailable").encode(), {"content-type": "text/plain"}
+            )
         if fault.kind == "rate_limit":
             headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            return ApiError(429, "Request was throttled.",
-                            "Request was throttled. Expected available in 1 second.", headers).response()
+            return ApiError(
+                429, "Request was throttled.", "Request was throttled. Expected available in 1 second.", headers
+            ).response()
         if fault.kind == "server_error":
             status = fault.status or 500
             return ApiError(status, "Internal Server Error", "An unexpected error occurred").response()
@@ -353,8 +432,12 @@ class ReplicateSandbox(SandboxServer):
             body = fault.body if fault.body is not None else b'{"id": "q8w", "status": "succ'
             return Response(201, body, {"content-type": "application/json"})
         if fault.kind == "insufficient_credits":
-            return ApiError(402, "Insufficient credit", "You have insufficient credit to run this model. "
-                            "Go to https://replicate.com/account/billing#billing to purchase credit.").response()
+            return ApiError(
+                402,
+                "Insufficient credit",
+                "You have insufficient credit to run this model. "
+                "Go to https://replicate.com/account/billing#billing to purchase credit.",
+            ).response()
         if fault.kind == "invalid_request":
             return _invalid(fault.param or "prompt", fault.message or "Invalid input").response()
         if fault.kind == "auth":
@@ -378,13 +461,14 @@ class ReplicateSandbox(SandboxServer):
 
     def handle(self, request: Request) -> Response:
         parts = request.path.strip("/").split("/")
-        if request.method == "POST" and (parts == ["v1", "predictions"] or (
-                len(parts) == 5 and parts[:2] == ["v1", "models"] and parts[4] == "predictions")):
+        if request.method == "POST" and (
+            parts == ["v1", "predictions"]
+            or (len(parts) == 5 and parts[:2] == ["v1", "models"] and parts[4] == "predictions")
+        ):
             return self._answer_create(request, self._pending_create(request))
         if request.method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "predictions"]:
             return Response.json(200, self._view(self._get(parts[2]), poll=True))
-        if request.method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "predictions"] \
-                and parts[3] == "cancel":
+        if request.method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "predictions"] and parts[3] == "cancel":
             return Response.json(200, self._view(self._cancel(self._get(parts[2]))))
         if parts[:2] == ["v1", "files"]:
             return self._files(request, parts[2:])
@@ -440,7 +524,7 @@ class ReplicateSandbox(SandboxServer):
         if name not in _FILE_INPUTS or not isinstance(value, str) or not value.startswith(prefix):
             return value
         with self._plock:
-            stored = self.files.get(value[len(prefix):])
+            stored = self.files.get(value[len(prefix) :])
         if stored is None:
             raise _invalid(name, "file not found")
         return f"data:{stored.content_type};base64,{base64.b64encode(stored.data).decode()}"
@@ -485,8 +569,9 @@ class ReplicateSandbox(SandboxServer):
                 keep = values["mask"].convert("L").point(lambda v: 255 if v < 128 else 0)
                 art = Image.composite(values["image"].convert("RGB"), art, keep)
             elif "image" in values:
-                art = Image.blend(values["image"].convert("RGB").resize(size), art,
-                                  float(values.get("prompt_strength", 0.8)))
+                art = Image.blend(
+                    values["image"].convert("RGB").resize(size), art, float(values.get("prompt_strength", 0.8))
+                )
             outputs.append(encode(art, pil_fmt))
         pid = self.next_ids.pop(0) if self.next_ids else secrets.token_hex(10)
         pred = _Prediction(pid, ref, inp, outputs, ext, seed, version=version)
@@ -527,14 +612,22 @@ class ReplicateSandbox(SandboxServer):
         removed = done and poll and self._expired(pred)  # the files are gone: a read says so
         urls = [f"{self.origin}{self.output_path(pred.id, i, pred.ext)}" for i in range(len(pred.outputs))]
         view: dict[str, Any] = {
-            "id": pred.id, "model": pred.model, "version": pred.version, "input": pred.input,
+            "id": pred.id,
+            "model": pred.model,
+            "version": pred.version,
+            "input": pred.input,
             "logs": f"Using seed: {pred.seed}\n" if pred.started is not None else "",
-            "output": urls if done and not removed else None, "data_removed": removed,
-            "error": pred.error if pred.status == "failed" else None, "status": pred.status,
-            "source": "api", "created_at": _iso(pred.created),
-            "urls": {"get": f"{self.origin}/v1/predictions/{pred.id}",
-                     "cancel": f"{self.origin}/v1/predictions/{pred.id}/cancel",
-                     "web": f"{self.origin}/p/{pred.id}"},
+            "output": urls if done and not removed else None,
+            "data_removed": removed,
+            "error": pred.error if pred.status == "failed" else None,
+            "status": pred.status,
+            "source": "api",
+            "created_at": _iso(pred.created),
+            "urls": {
+                "get": f"{self.origin}/v1/predictions/{pred.id}",
+                "cancel": f"{self.origin}/v1/predictions/{pred.id}/cancel",
+                "web": f"{self.origin}/p/{pred.id}",
+            },
             "metrics": {},
         }
         if pred.started is not None:
@@ -542,8 +635,7 @@ class ReplicateSandbox(SandboxServer):
         if pred.completed is not None:
             view["completed_at"] = _iso(pred.completed)
             if pred.predict_time is not None:
-                view["metrics"] = {"predict_time": pred.predict_time,
-                                   "total_time": round(pred.predict_time + 0.1, 3)}
+                view["metrics"] = {"predict_time": pred.predict_time, "total_time": round(pred.predict_time + 0.1, 3)}
                 if done:
                     view["metrics"]["image_count"] = len(pred.outputs)
         return view
@@ -557,8 +649,13 @@ class ReplicateSandbox(SandboxServer):
         with self._plock:
             pred = self.predictions.get(pid)
         stem, _, ext = name.partition(".")
-        if pred is None or pred.status != "succeeded" or not stem.startswith("out-") \
-                or not stem[4:].isdigit() or int(stem[4:]) >= len(pred.outputs):
+        if (
+            pred is None
+            or pred.status != "succeeded"
+            or not stem.startswith("out-")
+            or not stem[4:].isdigit()
+            or int(stem[4:]) >= len(pred.outputs)
+        ):
             return Response(404, b"Not Found", {"content-type": "text/plain"})
         if self._expired(pred):
             return Response(404, b"Not Found: the output has expired", {"content-type": "text/plain"})
@@ -573,8 +670,7 @@ class ReplicateSandbox(SandboxServer):
         if not rest and request.method == "GET":
             with self._plock:
                 files = sorted(self.files.values(), key=lambda f: f.created, reverse=True)
-            return Response.json(200, {"next": None, "previous": None,
-                                       "results": [self._file_view(f) for f in files]})
+            return Response.json(200, {"next": None, "previous": None, "results": [self._file_view(f) for f in files]})
         if len(rest) == 1:
             with self._plock:
                 stored = self.files.get(rest[0])
@@ -616,9 +712,15 @@ class ReplicateSandbox(SandboxServer):
     def _file_view(self, stored: _File) -> dict[str, Any]:
         digest = hashlib.sha256(stored.data).hexdigest()
         return {
-            "id": stored.id, "name": stored.name, "content_type": stored.content_type, "size": len(stored.data),
-            "etag": digest[:32], "checksums": {"sha256": digest}, "metadata": stored.metadata,
-            "created_at": _iso(stored.created), "expires_at": _iso(stored.created + FILE_TTL_S),
+            "id": stored.id,
+            "name": stored.name,
+            "content_type": stored.content_type,
+            "size": len(stored.data),
+            "etag": digest[:32],
+            "checksums": {"sha256": digest},
+            "metadata": stored.metadata,
+            "created_at": _iso(stored.created),
+            "expires_at": _iso(stored.created + FILE_TTL_S),
             "urls": {"get": f"{self.origin}/v1/files/{stored.id}"},
         }
 

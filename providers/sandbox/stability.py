@@ -44,6 +44,7 @@ from typing import Any
 from PIL import Image, ImageFilter
 
 from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
     VENDOR_FAULTS,
     Fault,
     Request,
@@ -51,6 +52,7 @@ from providers.sandbox._server import (
     SandboxError,
     SandboxServer,
     Upload,
+    hostile_image,
     synthetic_image,
 )
 from router.images import encode
@@ -59,13 +61,36 @@ MAX_SEED = 4_294_967_294
 MAX_BODY = 10 * 1024 * 1024
 MAX_PROMPT = 10_000
 SHAPES: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024), "16:9": (1344, 768), "9:16": (768, 1344), "21:9": (1536, 640), "9:21": (640, 1536),
-    "2:3": (832, 1216), "3:2": (1216, 832), "4:5": (896, 1088), "5:4": (1088, 896),
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "21:9": (1536, 640),
+    "9:21": (640, 1536),
+    "2:3": (832, 1216),
+    "3:2": (1216, 832),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
 }
 SD3_MODELS = ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium", "sd3.5-flash")
-STYLE_PRESETS = ("3d-model", "analog-film", "anime", "cinematic", "comic-book", "digital-art", "enhance",
-                 "fantasy-art", "isometric", "line-art", "low-poly", "modeling-compound", "neon-punk", "origami",
-                 "photographic", "pixel-art", "tile-texture")
+STYLE_PRESETS = (
+    "3d-model",
+    "analog-film",
+    "anime",
+    "cinematic",
+    "comic-book",
+    "digital-art",
+    "enhance",
+    "fantasy-art",
+    "isometric",
+    "line-art",
+    "low-poly",
+    "modeling-compound",
+    "neon-punk",
+    "origami",
+    "photographic",
+    "pixel-art",
+    "tile-texture",
+)
 _FORMATS = ("png", "jpeg", "webp")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 USD_PER_CREDIT = Decimal("0.01")
@@ -73,10 +98,17 @@ USD_PER_CREDIT = Decimal("0.01")
 # ultra 8, core 3, sd3.5-large 6.5, large-turbo 4, medium 3.5, flash 2.5, sketch / structure 3. Its edit and
 # upscale rates are unverified: the figures here are the shipped price table's estimates, not Stability's.
 CREDITS: dict[str, Decimal] = {
-    "generate/ultra": Decimal(8), "generate/core": Decimal(3),
-    "sd3.5-large": Decimal("6.5"), "sd3.5-large-turbo": Decimal(4), "sd3.5-medium": Decimal("3.5"),
-    "sd3.5-flash": Decimal("2.5"), "control/sketch": Decimal(3), "control/structure": Decimal(3),
-    "edit/inpaint": Decimal(5), "upscale/fast": Decimal(2), "upscale/conservative": Decimal(40),
+    "generate/ultra": Decimal(8),
+    "generate/core": Decimal(3),
+    "sd3.5-large": Decimal("6.5"),
+    "sd3.5-large-turbo": Decimal(4),
+    "sd3.5-medium": Decimal("3.5"),
+    "sd3.5-flash": Decimal("2.5"),
+    "control/sketch": Decimal(3),
+    "control/structure": Decimal(3),
+    "edit/inpaint": Decimal(5),
+    "upscale/fast": Decimal(2),
+    "upscale/conservative": Decimal(40),
     "upscale/creative": Decimal(60),
 }
 
@@ -89,8 +121,9 @@ class ApiError(SandboxError):
         self.status, self.name, self.errors, self.headers = status, name, list(errors), headers or {}
 
     def response(self) -> Response:
-        return Response.json(self.status, {"id": secrets.token_hex(16), "name": self.name, "errors": self.errors},
-                             self.headers)
+        return Response.json(
+            self.status, {"id": secrets.token_hex(16), "name": self.name, "errors": self.errors}, self.headers
+        )
 
 
 def _bad(*errors: str) -> ApiError:
@@ -117,6 +150,7 @@ def _number(low: float, high: float, *, integer: bool = False) -> _Check:
         if not low <= number <= high:
             raise _bad(f"{name}: must be between {low:g} and {high:g}")
         return number
+
     return check
 
 
@@ -125,21 +159,34 @@ def _enum(*allowed: str) -> _Check:
         if value not in allowed:
             raise _bad(f"{name}: must be one of {', '.join(allowed)}")
         return value
+
     return check
 
 
 _COMMON: dict[str, _Check] = {
-    "prompt": _text, "negative_prompt": _text, "seed": _number(0, MAX_SEED, integer=True),
-    "output_format": _enum(*_FORMATS), "style_preset": _enum(*STYLE_PRESETS),
+    "prompt": _text,
+    "negative_prompt": _text,
+    "seed": _number(0, MAX_SEED, integer=True),
+    "output_format": _enum(*_FORMATS),
+    "style_preset": _enum(*STYLE_PRESETS),
 }
 _ROUTES: dict[str, tuple[dict[str, _Check], tuple[str, ...], tuple[str, ...]]] = {
     # path: (text fields, required fields, file fields)
-    "generate/ultra": ({**_COMMON, "aspect_ratio": _enum(*SHAPES), "strength": _number(0, 1)}, ("prompt",),
-                       ("image",)),
+    "generate/ultra": ({**_COMMON, "aspect_ratio": _enum(*SHAPES), "strength": _number(0, 1)}, ("prompt",), ("image",)),
     "generate/core": ({**_COMMON, "aspect_ratio": _enum(*SHAPES)}, ("prompt",), ()),
-    "generate/sd3": ({**_COMMON, "aspect_ratio": _enum(*SHAPES), "strength": _number(0, 1),
-                      "mode": _enum("text-to-image", "image-to-image"), "model": _enum(*SD3_MODELS),
-                      "cfg_scale": _number(1, 10), "output_format": _enum("png", "jpeg")}, ("prompt",), ("image",)),
+    "generate/sd3": (
+        {
+            **_COMMON,
+            "aspect_ratio": _enum(*SHAPES),
+            "strength": _number(0, 1),
+            "mode": _enum("text-to-image", "image-to-image"),
+            "model": _enum(*SD3_MODELS),
+            "cfg_scale": _number(1, 10),
+            "output_format": _enum("png", "jpeg"),
+        },
+        ("prompt",),
+        ("image",),
+    ),
     "edit/inpaint": ({**_COMMON, "grow_mask": _number(0, 100, integer=True)}, ("prompt",), ("image", "mask")),
     "control/sketch": ({**_COMMON, "control_strength": _number(0, 1)}, ("prompt",), ("image",)),
     "control/structure": ({**_COMMON, "control_strength": _number(0, 1)}, ("prompt",), ("image",)),
@@ -206,14 +253,17 @@ class StabilitySandbox(SandboxServer):
     """Stability's v2beta API on loopback: ``with StabilitySandbox() as sb: ... sb.base_url``.
 
     ``faults`` also serves ``Fault("content_filtered")``: a normal answer flagged
-    ``finish-reason: CONTENT_FILTERED`` with a blurred image. ``job_polls`` sets how many
+    ``finish-reason: CONTENT_FILTERED`` with a blurred image, and the hostile images
+    (``Fault.hostile_image("bomb_image")``, ``truncated_image``, ``wrong_format_image``,
+    ``huge_image``): the usual answer, billed, with :func:`~providers.sandbox._server.hostile_image`'s
+    bytes as its image (a creative upscale's result, when aimed at its POST). ``job_polls`` sets how many
     result polls answer 202 before a creative upscale is done. ``billed_usd`` is what the
     account was billed so far; ``bill_multiplier`` makes it bill more (or less) than the
     public rates, as a vendor changing its prices would.
     """
 
     base_path = ""
-    fault_kinds = VENDOR_FAULTS | {"content_filtered"}
+    fault_kinds = VENDOR_FAULTS | {"content_filtered"} | HOSTILE_IMAGE_FAULTS
     max_body_bytes = MAX_BODY
 
     def __init__(self, api_key: str = "sk-sandbox", *, job_polls: int = 2) -> None:
@@ -257,13 +307,18 @@ class StabilitySandbox(SandboxServer):
             if fault.retry_after is not None:
                 seconds = fault.retry_after
                 headers["retry-after"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
-            return ApiError(429, "rate_limit_exceeded", "You have exceeded the rate limit of 150 requests "
-                            "within a 10 second period.", headers=headers).response()
+            return ApiError(
+                429,
+                "rate_limit_exceeded",
+                "You have exceeded the rate limit of 150 requests within a 10 second period.",
+                headers=headers,
+            ).response()
         if fault.kind == "server_error":
             return ApiError(fault.status or 500, "internal_error", "An unexpected server error occurred.").response()
         if fault.kind == "moderation":
-            return ApiError(403, "content_moderation", fault.message or "Your request was flagged by our content "
-                            "moderation system.").response()
+            return ApiError(
+                403, "content_moderation", fault.message or "Your request was flagged by our content moderation system."
+            ).response()
         if fault.kind == "malformed":
             body = fault.body if fault.body is not None else b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00"
             self._bill(_credits(request))  # a 200 image answer: the generation ran and is billed
@@ -278,12 +333,14 @@ class StabilitySandbox(SandboxServer):
             return ApiError(401, "unauthorized", "authorization: invalid API key").response()
         if fault.kind == "content_filtered":
             return self._route(request, filtered=True)
+        if fault.kind in HOSTILE_IMAGE_FAULTS:  # made and billed as usual, the image in the answer hostile
+            return self._route(request, filtered=False, hostile=fault.kind)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     def handle(self, request: Request) -> Response:
         return self._route(request, filtered=False)
 
-    def _route(self, request: Request, filtered: bool) -> Response:
+    def _route(self, request: Request, filtered: bool, hostile: str | None = None) -> Response:
         accept = request.headers.get("accept", "image/*")
         if accept not in ("image/*", "application/json", "*/*"):
             raise _bad("accept: must be image/* or application/json")
@@ -330,8 +387,11 @@ class StabilitySandbox(SandboxServer):
         elif route.startswith("control/"):
             if image is None:
                 raise _bad("image: required")
-            out = Image.blend(synthetic_image(prompt, seed, image.size), image.convert("RGB"),
-                              float(values.get("control_strength", 0.7)) / 2)
+            out = Image.blend(
+                synthetic_image(prompt, seed, image.size),
+                image.convert("RGB"),
+                float(values.get("control_strength", 0.7)) / 2,
+            )
         else:
             if image is None:
                 raise _bad("image: required")
@@ -340,7 +400,8 @@ class StabilitySandbox(SandboxServer):
             out = image.convert("RGB").resize(_upscaled(route, *image.size), Image.Resampling.BICUBIC)
         if filtered:
             out = out.filter(ImageFilter.GaussianBlur(24))
-        answer = _answer(encode(out.convert("RGB"), fmt), fmt, seed, filtered, accept)
+        data = hostile_image(hostile) if hostile else encode(out.convert("RGB"), fmt)
+        answer = _answer(data, fmt, seed, filtered, accept)
         credits = CREDITS[str(values.get("model", "sd3.5-large")) if route == "generate/sd3" else route]
         if route == "upscale/creative":
             job_id = secrets.token_hex(32)

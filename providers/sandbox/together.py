@@ -17,6 +17,10 @@ Images are real: a flat colour and a disc picked from a hash of (prompt, seed, i
 so one seed gives one image. With ``image_url`` (a data URL) the art is blended half
 over the init image, so tests can see it was used. No seed is echoed: the response is
 ``{id, model, object: "list", data: [{index, type, b64_json | url}]}``.
+
+Faults (``sb.faults``): the shared ones, and the hostile images
+(``Fault.hostile_image("bomb_image")``, ``truncated_image``, ``wrong_format_image``, ``huge_image``):
+the usual answer, base64 or URL, with :func:`~providers.sandbox._server.hostile_image`'s bytes in it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from providers.sandbox._server import VENDOR_FAULTS, Fault, Request, Response, SandboxError, SandboxServer
+from providers.sandbox._server import (
+    HOSTILE_IMAGE_FAULTS,
+    VENDOR_FAULTS,
+    Fault,
+    Request,
+    Response,
+    SandboxError,
+    SandboxServer,
+    hostile_image,
+)
 
 DEFAULT_STEPS = {  # the spec's model enum names FLUX.1-schnell-Free and FLUX.1.1-pro: served with their family's steps
     "black-forest-labs/FLUX.1-schnell": 4,
@@ -51,18 +64,37 @@ MAX_N = 4
 MAX_LORAS = 2
 MIN_SIDE, MAX_SIDE = 256, 1792
 _FIELDS = {
-    "prompt": "string", "model": "string", "steps": "integer", "image_url": "string", "seed": "integer",
-    "n": "integer", "height": "integer", "width": "integer", "negative_prompt": "string",
-    "response_format": "string", "guidance_scale": "number", "output_format": "string",
-    "image_loras": "array", "reference_images": "array", "disable_safety_checker": "boolean",
+    "prompt": "string",
+    "model": "string",
+    "steps": "integer",
+    "image_url": "string",
+    "seed": "integer",
+    "n": "integer",
+    "height": "integer",
+    "width": "integer",
+    "negative_prompt": "string",
+    "response_format": "string",
+    "guidance_scale": "number",
+    "output_format": "string",
+    "image_loras": "array",
+    "reference_images": "array",
+    "disable_safety_checker": "boolean",
 }
 
 
 class ApiError(SandboxError):
     """A Together-shaped error answer."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
@@ -75,7 +107,8 @@ class ApiError(SandboxError):
 def _is(kind: str, value: Any) -> bool:
     if kind == "integer":  # JSON Schema's: 2.0 is an integer too
         return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer())
+            isinstance(value, float) and value.is_integer()
+        )
     if kind == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
     return isinstance(value, {"string": str, "boolean": bool, "array": list}[kind])
@@ -86,16 +119,20 @@ def _check(body: dict[str, Any]) -> dict[str, Any]:
         if name not in _FIELDS:
             raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name, code="invalid_parameter")
         if not _is(_FIELDS[name], value):
-            raise ApiError(400, f"Invalid type for '{name}': expected {_FIELDS[name]}.", param=name,
-                           code="invalid_type")
+            raise ApiError(
+                400, f"Invalid type for '{name}': expected {_FIELDS[name]}.", param=name, code="invalid_type"
+            )
     body = {name: int(value) if _FIELDS[name] == "integer" else value for name, value in body.items()}
     for name in ("prompt", "model"):
         if name not in body:
             raise ApiError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_parameter")
     model = body["model"]
     if model not in MODELS:
-        raise ApiError(404, f"Unable to access model {model}. Please visit the models page for the available "
-                       "models.", code="model_not_available")
+        raise ApiError(
+            404,
+            f"Unable to access model {model}. Please visit the models page for the available models.",
+            code="model_not_available",
+        )
     if not body["prompt"].strip():
         raise ApiError(400, "Input validation error: 'prompt' must not be empty.", param="prompt")
     _range(body, "n", 1, MAX_N)
@@ -114,10 +151,15 @@ def _check(body: dict[str, Any]) -> dict[str, Any]:
         if len(loras) > MAX_LORAS:
             raise ApiError(400, f"Input validation error: at most {MAX_LORAS} image_loras.", param="image_loras")
         for lora in loras:
-            if (not isinstance(lora, dict) or set(lora) != {"path", "scale"} or not isinstance(lora["path"], str)
-                    or not _is("number", lora["scale"])):
-                raise ApiError(400, "Invalid 'image_loras': each item is {path: string, scale: number}.",
-                               param="image_loras")
+            if (
+                not isinstance(lora, dict)
+                or set(lora) != {"path", "scale"}
+                or not isinstance(lora["path"], str)
+                or not _is("number", lora["scale"])
+            ):
+                raise ApiError(
+                    400, "Invalid 'image_loras': each item is {path: string, scale: number}.", param="image_loras"
+                )
     if "reference_images" in body and not all(isinstance(u, str) for u in body["reference_images"]):
         raise ApiError(400, "Invalid 'reference_images': expected an array of URLs.", param="reference_images")
     if "image_url" in body and model not in EDIT_MODELS:
@@ -127,8 +169,9 @@ def _check(body: dict[str, Any]) -> dict[str, Any]:
 
 def _range(body: dict[str, Any], name: str, low: int, high: int) -> None:
     if name in body and not low <= body[name] <= high:
-        raise ApiError(400, f"Input validation error: '{name}' must be between {low} and {high}, got {body[name]}.",
-                       param=name)
+        raise ApiError(
+            400, f"Input validation error: '{name}' must be between {low} and {high}, got {body[name]}.", param=name
+        )
 
 
 def _init_image(url: str) -> Image.Image | None:
@@ -166,7 +209,7 @@ class TogetherSandbox(SandboxServer):
     """
 
     base_path = ""
-    fault_kinds = VENDOR_FAULTS
+    fault_kinds = VENDOR_FAULTS | HOSTILE_IMAGE_FAULTS
 
     def __init__(self, api_key: str = "tg-sandbox-key") -> None:
         super().__init__()
@@ -203,21 +246,33 @@ class TogetherSandbox(SandboxServer):
             if fault.retry_after is not None:
                 seconds = fault.retry_after
                 headers["retry-after"] = str(int(seconds)) if seconds == int(seconds) else str(seconds)
-            return ApiError(429, "You are being rate limited; slow down your requests.", type="rate_limit",
-                            code="rate_limit_exceeded", headers=headers).response()
+            return ApiError(
+                429,
+                "You are being rate limited; slow down your requests.",
+                type="rate_limit",
+                code="rate_limit_exceeded",
+                headers=headers,
+            ).response()
         if fault.kind == "server_error":
             status = fault.status or 500
             message = "The service is overloaded; try again later." if status == 503 else "Internal server error."
             return ApiError(status, message, type="server_error").response()
         if fault.kind == "moderation":
-            return ApiError(422, fault.message or "NSFW content detected in the request; the image was not made.",
-                            code="nsfw_content").response()
+            return ApiError(
+                422,
+                fault.message or "NSFW content detected in the request; the image was not made.",
+                code="nsfw_content",
+            ).response()
         if fault.kind == "malformed":
             body = fault.body if fault.body is not None else b'{"id": "x", "object": "list", "data": [{"index": 0, "'
             return Response(200, body, {"content-type": "application/json"})
         if fault.kind == "insufficient_credits":
-            return ApiError(402, "Credit limit exceeded: add credit to your account to keep using the API.",
-                            type="credit_limit", code="credit_limit_exceeded").response()
+            return ApiError(
+                402,
+                "Credit limit exceeded: add credit to your account to keep using the API.",
+                type="credit_limit",
+                code="credit_limit_exceeded",
+            ).response()
         if fault.kind == "invalid_request":
             status = fault.status or 400
             message = fault.message or (f"Invalid value for '{fault.param}'." if fault.param else "Invalid request.")
@@ -226,6 +281,8 @@ class TogetherSandbox(SandboxServer):
             if fault.status == 403:
                 return ApiError(403, "Your account may not use this model.", type="forbidden").response()
             return _bad_key().response()
+        if fault.kind in HOSTILE_IMAGE_FAULTS:  # made and answered as usual (base64 or URL), the image hostile
+            return self._generate(request, hostile=fault.kind)
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
     def handle(self, request: Request) -> Response:
@@ -237,7 +294,7 @@ class TogetherSandbox(SandboxServer):
 
     # --- routes
 
-    def _generate(self, request: Request) -> Response:
+    def _generate(self, request: Request, hostile: str | None = None) -> Response:
         if request.media_type != "application/json":
             raise ApiError(400, "Send the request body as JSON (Content-Type: application/json).")
         if request.body_error is not None or not isinstance(request.json, dict):
@@ -250,7 +307,7 @@ class TogetherSandbox(SandboxServer):
         init = _init_image(body["image_url"]) if "image_url" in body else None
         data: list[dict[str, Any]] = []
         for index in range(body.get("n", 1)):
-            image = _draw(body["prompt"], seed, index, size, init, fmt)
+            image = hostile_image(hostile) if hostile else _draw(body["prompt"], seed, index, size, init, fmt)
             self.seeds.append(seed)
             if body.get("response_format", "url") == "base64":
                 data.append({"index": index, "type": "b64_json", "b64_json": base64.b64encode(image).decode()})
@@ -265,11 +322,18 @@ class TogetherSandbox(SandboxServer):
         with self._outputs_lock:
             found = self._outputs.get(token)
         if found is None or self._expired:
-            return Response(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
-                            {"content-type": "application/xml"})
+            return Response(
+                403,
+                b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+                {"content-type": "application/xml"},
+            )
         return Response(200, found[0], {"content-type": found[1]})
 
 
 def _bad_key() -> ApiError:
-    return ApiError(401, "Invalid API key provided. You can find your API key in your account settings.",
-                    type="invalid_request_error", code="invalid_api_key")
+    return ApiError(
+        401,
+        "Invalid API key provided. You can find your API key in your account settings.",
+        type="invalid_request_error",
+        code="invalid_api_key",
+    )
