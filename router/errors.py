@@ -79,6 +79,15 @@ class ImageRouterError(Exception):
         """The class name, as recorded in attempt trails and reports."""
         return type(self).__name__
 
+    def detach(self) -> ImageRouterError:
+        """This error cut from the exception it was raised while handling (``raise ... from None`` only
+        hides that one): a vendor SDK's error holds its response and request, headers and key included,
+        and error reporters walk ``__context__``. The router detaches every error it passes on."""
+        self.__context__ = None
+        self.__cause__ = None
+        self.__suppress_context__ = True
+        return self
+
 
 # --- the request is at fault ---------------------------------------------------
 

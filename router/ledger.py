@@ -35,6 +35,8 @@ WAL needs a local filesystem: do not share a ledger file over NFS/SMB.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -44,6 +46,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -225,6 +228,8 @@ class Ledger:
         except BaseException:
             self._conn.close()
             raise
+        if not self._private:  # queued writes reach the file even if nobody closes the ledger
+            atexit.register(_flush_at_exit, weakref.ref(self))
 
     @property
     def private(self) -> bool:
@@ -599,6 +604,13 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r})"
+
+
+def _flush_at_exit(ref: weakref.ref[Ledger]) -> None:
+    ledger = ref()
+    if ledger is not None and ledger.queued:
+        with contextlib.suppress(sqlite3.Error):
+            ledger.flush()
 
 
 def default_path() -> Path:

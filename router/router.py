@@ -418,6 +418,10 @@ def _planning_view(provider: Provider) -> Provider:
 
 
 _HEDGED = "hedged: another candidate answered first"
+_FLUSH_AFTER_S = 0.05
+"""How long writes no budget watches may wait in the ledger's queue (readers apply it first; closing
+the router or the ledger, or the process exiting, applies it too)."""
+_FLUSH_AT = 64
 
 
 class _LedgerCalls:
@@ -455,9 +459,19 @@ class _LedgerCalls:
         return self.start(self.ledger.headroom, tags)
 
     def _flush_soon(self) -> None:
-        """Have the ledger thread apply the queued writes (once, however many were queued meanwhile)."""
-        if self._pool is not None and not self._flush_due:
-            self._flush_due = True
+        """Have the ledger thread apply the queued writes within :data:`_FLUSH_AFTER_S`, in one transaction
+        however many were queued meanwhile (a transaction per write would cost the machine more than
+        the requests themselves); at once when :data:`_FLUSH_AT` are waiting."""
+        if self._pool is None or self._flush_due:
+            return
+        self._flush_due = True
+        if self.ledger.queued >= _FLUSH_AT:
+            self._pool.submit(self._flush)
+        else:
+            asyncio.get_running_loop().call_later(_FLUSH_AFTER_S, self._submit_flush)
+
+    def _submit_flush(self) -> None:
+        if self._pool is not None:
             self._pool.submit(self._flush)
 
     def _flush(self) -> None:
@@ -710,7 +724,7 @@ class _Walk:
             except TimeoutError:
                 raise ProviderTimeout(f"no answer within {timeout:.1f}s", provider=provider.name) from None
         except ImageRouterError as exc:
-            exc.provider = exc.provider or provider.name
+            exc.detach().provider = exc.provider or provider.name
             cost = Decimal(0)
             if reservation is not None:
                 if exc.billed is not None:  # the vendor billed work before failing: charge it

@@ -56,3 +56,69 @@ def test_redact_masks_key_shapes() -> None:
     text = f"Incorrect API key {CANARY}; Authorization: Bearer abcdefghijklmnop; x-key=zzzzzzzzzz"
     out = redact(text)
     assert CANARY not in out and "abcdefghijklmnop" not in out and "zzzzzzzzzz" not in out
+
+
+def _reachable_strings(root: object) -> list[str]:
+    """Every str/bytes reachable from ``root`` through exception chains (``__context__``, ``__cause__``,
+    ``args``), attributes (``__dict__`` and slots), and container items — what an error reporter walking
+    the object graph could find. Tracebacks and frames are left out: a frame reaches the whole process."""
+    seen: set[int] = set()
+    found: list[str] = []
+    stack: list[object] = [root]
+    skip = (type, type(len), type(_reachable_strings), type(pytest))
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            found.append(obj)
+            continue
+        if isinstance(obj, (bytes, bytearray)):
+            found.append(bytes(obj).decode("latin-1"))
+            continue
+        if isinstance(obj, (int, float, complex, bool)) or type(obj).__name__ in ("frame", "traceback", "code"):
+            continue
+        if isinstance(obj, BaseException):
+            stack += [obj.__context__, obj.__cause__, *obj.args]
+        if isinstance(obj, dict):
+            stack += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += list(obj)
+        elif hasattr(obj, "items") and callable(obj.items):  # header multidicts and the like
+            with contextlib.suppress(Exception):
+                stack += [v for pair in obj.items() for v in pair]
+        with contextlib.suppress(TypeError):
+            stack += list(vars(obj).values())
+        for cls in type(obj).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                with contextlib.suppress(AttributeError):
+                    stack.append(getattr(obj, name))
+    return found
+
+
+async def test_no_key_is_reachable_from_a_raised_error_through_its_chain() -> None:
+    """An SDK's auth error holds its response, whose request holds the Authorization header: the error the
+    router raises must not chain to it (an error reporter walks ``__context__``)."""
+    with OpenAISandbox(api_key="sk-sandbox-other") as sb:
+        prov = OpenAIProvider(api_key=CANARY, base_url=sb.base_url)
+        router = AsyncRouter([prov], ledger=":memory:", max_retries=0)
+        with pytest.raises(ImageRouterError) as info:
+            await router.agenerate("a cat")
+        await router.aclose()
+    strings = _reachable_strings(info.value)
+    assert any("401" in s or "key" in s.lower() for s in strings)  # the walk did reach the error's own text
+    assert not [s for s in strings if CANARY in s]
+
+
+async def test_no_key_is_reachable_from_a_together_auth_error() -> None:
+    from providers.sandbox.together import TogetherSandbox
+    from providers.together import TogetherProvider
+
+    with TogetherSandbox(api_key="tg-sandbox-other-0123456789") as sb:
+        prov = TogetherProvider(api_key=CANARY, base_url=sb.base_url)
+        router = AsyncRouter([prov], ledger=":memory:", max_retries=0)
+        with pytest.raises(ImageRouterError) as info:
+            await router.agenerate("a cat")
+        await router.aclose()
+    assert not [s for s in _reachable_strings(info.value) if CANARY in s]
