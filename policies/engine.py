@@ -354,6 +354,8 @@ def _capability_gap(request: ImageRequest, task: str, cand: CandidateInfo) -> tu
         return "capability", "takes no LoRA" if not caps.max_loras else f"takes at most {caps.max_loras} LoRAs"
     if request.n > caps.max_n:
         return "capability", f"makes at most {caps.max_n} images per request, {request.n} asked"
+    if "local" not in caps.regions and (files := [lora.ref for lora in request.loras if lora.is_file]):
+        return "capability", f"LoRA {files[0]!r} is a file on this machine; only a backend running here loads it"
     if request.size_mode == "exact" and not cand.plan.size.exact:
         return "size", f"cannot make the exact size asked ({cand.plan.size.warning})"
     if request.constraints.strict and cand.plan.warnings:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -252,10 +253,11 @@ class OpenAIProvider(Provider):
     async def _edit_files(self, request: ImageRequest) -> dict[str, Any]:
         assert request.init_image is not None
         image = await load_bytes(request.init_image, fetcher=self._fetcher)
-        files: dict[str, Any] = {"image": ("image.png", image, request.init_image.mime or "image/png")}
+        # file objects, not bytes: the SDK then streams the upload in chunks instead of copying it whole
+        files: dict[str, Any] = {"image": ("image.png", io.BytesIO(image), request.init_image.mime or "image/png")}
         if request.mask_image is not None:
             mask = await amask_png(request.mask_image, image_size(image), mask_to_alpha_repaint, fetcher=self._fetcher)
-            files["mask"] = ("mask.png", mask, "image/png")
+            files["mask"] = ("mask.png", io.BytesIO(mask), "image/png")
         return files
 
     async def _response(self, body: Any, request_id: str | None, model: str, fmt: str) -> ProviderResponse:

@@ -158,8 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ledger", help="the ledger file (or :memory:)")
     srv.add_argument("--keys", dest="keys_file", help="client key file (default: IMAGEROUTER_SERVER_KEYS)")
     srv.add_argument("--allow-open", action="store_true", help="serve a non-loopback host without client keys")
-    srv.add_argument("--max-body-bytes", type=int)
-    srv.add_argument("--max-image-bytes", type=int)
+    srv.add_argument("--max-body-bytes", type=int, help="the largest request body (default: 64 MiB)")
+    srv.add_argument("--max-image-bytes", type=int, help="the largest uploaded or inline image (default: 50 MiB)")
+    srv.add_argument("--max-inflight-body-bytes", type=int,
+                     help="the bodies of all requests in flight together (default: --max-body-bytes)")
+    srv.add_argument("--body-wait-s", type=float,
+                     help="how long a request waits for room among the bodies in flight before a 503 (default: 30)")
+    srv.add_argument("--lora-dir", action="append", dest="lora_dirs", default=[], metavar="DIR",
+                     help="a directory whose LoRAs clients may name (repeat for several; none: no client LoRAs)")
+    srv.add_argument("--client-options", metavar="LIST",
+                     help="provider options a key without its own list may set, comma-separated: quality, "
+                          "<provider>.background, <provider>.*, * (default: *; '' for none; safety switches "
+                          "only per key)")
     srv.add_argument("--unknown-model", choices=("route", "reject"), default="route",
                      help="a model name no provider offers: route by policy (default) or answer 404")
     srv.add_argument("--log-level", default="info")
@@ -294,11 +304,17 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"error: the server needs its extra: pip install 'imagerouter[server]' ({exc.name} missing)",
               file=sys.stderr)
         return 1
-    limits = {k: v for k, v in (("max_body_bytes", ns.max_body_bytes), ("max_image_bytes", ns.max_image_bytes))
-              if v is not None}
+    limits: dict[str, Any] = {k: v for k, v in (("max_body_bytes", ns.max_body_bytes),
+                                                ("max_image_bytes", ns.max_image_bytes),
+                                                ("max_inflight_body_bytes", ns.max_inflight_body_bytes),
+                                                ("body_wait_s", ns.body_wait_s))
+                              if v is not None}
+    if ns.client_options is not None:
+        limits["client_options"] = [o.strip() for o in ns.client_options.split(",") if o.strip()]
     try:
         serve(ns.host, ns.port, policy=ns.policy, ledger=ns.ledger, keys_file=ns.keys_file,
-              allow_open=ns.allow_open, unknown_model=ns.unknown_model, log_level=ns.log_level, **limits)
+              allow_open=ns.allow_open, unknown_model=ns.unknown_model, lora_dirs=ns.lora_dirs,
+              log_level=ns.log_level, **limits)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

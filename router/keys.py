@@ -10,6 +10,17 @@ A key file (TOML, or YAML with the same fields) lists one entry per client::
     period = "day"                           # day | month (default) | total
     tags = ["client-eu"]                     # optional: more tags for every request of this key
     rpm = 60                                 # optional: image requests per minute (429 beyond)
+    provider_options = ["quality", "local.safety_checker"]   # optional: what this key may set (below)
+
+``provider_options`` lists the provider options this key's requests may set: ``"quality"`` (for any
+provider), ``"<provider>.background"`` (for one), ``"<provider>.*"`` or ``"*"`` (every option of one provider,
+or of all). Left out, the server's default list applies (``imagerouter serve --client-options``; by
+default ``*``). The safety switches (:data:`SAFETY_OPTIONS`: ``safety_checker``,
+``disable_safety_checker``, ``safety_tolerance``, ``moderation``) are never matched by ``*`` nor by the
+server's default: a key may set one only when its own list names it.
+
+The file must not be writable by group or others (whoever can write it can add a key): the server
+refuses to start otherwise, and :meth:`ServerKeys.save` writes it readable and writable by its owner only.
 
 Keys are long random tokens (``sk-ir-`` + 43 url-safe characters, 256 bits), so one
 SHA-256 round is enough to store them: there is nothing to brute-force. Lookups hash
@@ -21,12 +32,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import os
 import re
 import secrets
+import stat
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +51,44 @@ KEY_PREFIX = "sk-ir-"
 TAG_PREFIX = "key:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+_OPTION = re.compile(r"^(\*|[A-Za-z0-9_]+|[A-Za-z0-9][A-Za-z0-9_.\-]*\.(\*|[A-Za-z0-9_]+))$")
+_FIELDS = frozenset({"name", "sha256", "budget_usd", "period", "tags", "rpm", "provider_options"})
+
+SAFETY_OPTIONS = frozenset({"safety_checker", "disable_safety_checker", "safety_tolerance", "moderation"})
+"""Provider options that switch a safety system off or down: only a key's own allow-list can grant them."""
+
+
+class KeyFileError(ValueError):
+    """A key file the server will not use: unreadable, malformed, or writable by others."""
+
+
+def is_safety_option(option: str) -> bool:
+    """Whether ``option`` is a safety switch (compared without case, ``-`` read as ``_``)."""
+    return option.strip().lower().replace("-", "_") in SAFETY_OPTIONS
+
+
+def option_entries(entries: Iterable[str], *, where: str) -> frozenset[str]:
+    """``entries`` checked as an allow-list of provider options (see the module docstring)."""
+    if isinstance(entries, str):
+        raise ValueError(f"{where}: provider_options must be a list of option names, not one string")
+    out = frozenset(entries)
+    bad = sorted(e for e in out if not isinstance(e, str) or not _OPTION.match(e))
+    if bad:
+        raise ValueError(
+            f"{where}: provider_options entries look like 'quality', '<provider>.quality', '<provider>.*' or '*'; "
+            f"got {bad!r}"
+        )
+    return out
+
+
+def option_allowed(entries: Collection[str], provider: str, option: str) -> bool:
+    """Whether the allow-list ``entries`` lets a client set ``provider_options[provider][option]``.
+
+    A safety switch must be named (``"safety_checker"`` or ``"local.safety_checker"``); wildcards never
+    match one."""
+    if is_safety_option(option):
+        return option in entries or f"{provider}.{option}" in entries
+    return not {"*", option, f"{provider}.*", f"{provider}.{option}"}.isdisjoint(entries)
 
 
 def hash_key(key: str) -> str:
@@ -61,6 +112,8 @@ class ServerKey:
     tags: frozenset[str] = frozenset()
     rpm: int | None = None
     """Image requests per minute this key may make (a token bucket of that size); None: no limit."""
+    provider_options: frozenset[str] | None = None
+    """The provider options this key may set (see the module docstring); None: the server's default."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -73,6 +126,10 @@ class ServerKey:
             object.__setattr__(self, "budget_usd", Decimal(str(self.budget_usd)))
         if self.rpm is not None and (isinstance(self.rpm, bool) or not isinstance(self.rpm, int) or self.rpm < 1):
             raise ValueError(f"key {self.name!r}: rpm must be a whole number ≥ 1, got {self.rpm!r}")
+        if self.provider_options is not None:
+            object.__setattr__(
+                self, "provider_options", option_entries(self.provider_options, where=f"key {self.name!r}")
+            )
 
     @property
     def tag(self) -> str:
@@ -92,6 +149,8 @@ class ServerKey:
             out["tags"] = sorted(self.tags)
         if self.rpm is not None:
             out["rpm"] = self.rpm
+        if self.provider_options is not None:
+            out["provider_options"] = sorted(self.provider_options)
         return out
 
 
@@ -110,14 +169,24 @@ class ServerKeys:
             raise ValueError(f"key {entry.name!r} has the same key as another entry")
         self._entries.append(entry)
 
-    def add(self, name: str, key: str | None = None, *, budget_usd: Decimal | str | float | None = None,
-            period: Period = "month", tags: Iterable[str] = (), rpm: int | None = None) -> str:
+    def add(
+        self,
+        name: str,
+        key: str | None = None,
+        *,
+        budget_usd: Decimal | str | float | None = None,
+        period: Period = "month",
+        tags: Iterable[str] = (),
+        rpm: int | None = None,
+        provider_options: Iterable[str] | None = None,
+    ) -> str:
         """Add a client; returns its key (a new random one unless ``key`` is given). Only the hash is kept."""
         key = key or new_key()
         if len(key) < 16:
             raise ValueError("a client key must be at least 16 characters")
         budget = None if budget_usd is None else Decimal(str(budget_usd))
-        self._append(ServerKey(name, hash_key(key), budget, period, frozenset(tags), rpm))
+        options = None if provider_options is None else frozenset(provider_options)
+        self._append(ServerKey(name, hash_key(key), budget, period, frozenset(tags), rpm, options))
         return key
 
     def verify(self, key: str) -> ServerKey | None:
@@ -154,8 +223,10 @@ class ServerKeys:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServerKeys:
-        """Read a key file (``.toml``, ``.yaml`` or ``.yml``); errors name the file and the entry."""
+        """Read a key file (``.toml``, ``.yaml`` or ``.yml``); errors (:class:`KeyFileError`) name the file
+        and the entry. A file that group or others may write is refused: whoever can write it can add a key."""
         path = Path(path)
+        check_permissions(path)
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix in (".yaml", ".yml"):
@@ -165,34 +236,45 @@ class ServerKeys:
             else:
                 data = tomllib.loads(text)
         except Exception as exc:
-            raise ValueError(f"{path}: not a readable key file ({type(exc).__name__})") from None
+            raise KeyFileError(f"{path}: not a readable key file ({type(exc).__name__})") from None
         rows = data.get("keys", []) if isinstance(data, dict) else None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a list under 'keys'")
+            raise KeyFileError(f"{path}: expected a list under 'keys'")
         entries = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise ValueError(f"{path}: keys[{i}] must be a table")
-            unknown = set(row) - {"name", "sha256", "budget_usd", "period", "tags", "rpm"}
+                raise KeyFileError(f"{path}: keys[{i}] must be a table")
+            unknown = set(row) - _FIELDS
             if unknown:
-                raise ValueError(f"{path}: keys[{i}]: unknown fields {sorted(unknown)}")
+                raise KeyFileError(f"{path}: keys[{i}]: unknown fields {sorted(unknown)}")
             try:
                 budget = row.get("budget_usd")
-                entries.append(ServerKey(
-                    name=str(row.get("name", "")), sha256=str(row.get("sha256", "")).lower(),
-                    budget_usd=None if budget is None else Decimal(str(budget)),
-                    period=row.get("period", "month"), tags=frozenset(row.get("tags", ())), rpm=row.get("rpm"),
-                ))
-            except (ValueError, ArithmeticError) as exc:
-                raise ValueError(f"{path}: keys[{i}]: {exc}") from None
-        return cls(entries)
+                options = row.get("provider_options")
+                entries.append(
+                    ServerKey(
+                        name=str(row.get("name", "")),
+                        sha256=str(row.get("sha256", "")).lower(),
+                        budget_usd=None if budget is None else Decimal(str(budget)),
+                        period=row.get("period", "month"),
+                        tags=frozenset(row.get("tags", ())),
+                        rpm=row.get("rpm"),
+                        provider_options=None if options is None else option_entries(options, where="provider_options"),
+                    )
+                )
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                raise KeyFileError(f"{path}: keys[{i}]: {exc}") from None
+        try:
+            return cls(entries)
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: {exc}") from None
 
     def to_toml(self) -> str:
         """The key file in TOML (digests only)."""
         return "".join(_toml_entry(e) for e in self._entries)
 
     def save(self, path: str | Path) -> Path:
-        """Write the key file as TOML, or YAML for a ``.yaml``/``.yml`` path."""
+        """Write the key file as TOML, or YAML for a ``.yaml``/``.yml`` path; a new file is readable and
+        writable by its owner only (0600), an existing one loses any group and world write permission."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -200,8 +282,30 @@ class ServerKeys:
             text = yaml.safe_dump({"keys": [e.to_dict() for e in self._entries]}, sort_keys=False)
         else:
             text = self.to_toml()
-        path.write_text(text, encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if os.name == "posix":
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o022:
+                path.chmod(mode & ~0o022)
         return path
+
+
+def check_permissions(path: Path) -> None:
+    """Refuse a key file that group or others may write (POSIX): anyone who can write it can add a key."""
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the key file ({exc.strerror or type(exc).__name__})") from None
+    if mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
+        raise KeyFileError(
+            f"{path} is writable by {who} (mode {mode:04o}): anyone who can write it can add a "
+            f"key. Make it writable by its owner only: chmod go-w {path}"
+        )
 
 
 class RateLimiter:
@@ -231,6 +335,8 @@ def _toml_entry(entry: ServerKey) -> str:
         lines.append("tags = [" + ", ".join(_toml_str(t) for t in sorted(entry.tags)) + "]")
     if entry.rpm is not None:
         lines.append(f"rpm = {entry.rpm}")
+    if entry.provider_options is not None:
+        lines.append("provider_options = [" + ", ".join(_toml_str(o) for o in sorted(entry.provider_options)) + "]")
     return "\n".join(lines) + "\n\n"
 
 
@@ -250,10 +356,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--period", choices=PERIODS, default="month")
     parser.add_argument("--tag", action="append", default=[], help="an extra ledger tag (repeat for several)")
     parser.add_argument("--rpm", type=int, help="image requests per minute this key may make")
+    parser.add_argument(
+        "--allow-option",
+        action="append",
+        dest="options",
+        metavar="[PROVIDER.]OPTION",
+        help="a provider option this key may set, e.g. quality, <provider>.background, "
+        "local.safety_checker (repeat for several; default: the server's list)",
+    )
     parser.add_argument("--file", type=Path, help="append the entry to this key file (TOML or YAML)")
     ns = parser.parse_args(argv)
     keys = ServerKeys.from_file(ns.file) if ns.file and ns.file.exists() else ServerKeys()
-    key = keys.add(ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag, rpm=ns.rpm)
+    key = keys.add(
+        ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag, rpm=ns.rpm, provider_options=ns.options
+    )
     if ns.file:
         keys.save(ns.file)
         print(f"added {ns.name!r} to {ns.file}", file=sys.stderr)

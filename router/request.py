@@ -118,6 +118,14 @@ class LoraRef(_Model):
     ref: str = Field(min_length=1)
     weight: float = Field(1.0, ge=-4.0, le=4.0)
 
+    @property
+    def is_file(self) -> bool:
+        """Whether ``ref`` names a file on this machine (only a backend running here can load it), not a
+        hub id or a URL a hosted vendor fetches."""
+        ref = self.ref
+        return "://" not in ref and (ref.startswith(("/", "~", "./", "../", "\\")) or ref.endswith(".safetensors")
+                                     or (len(ref) > 2 and ref[1] == ":" and ref[2] in "/\\"))
+
 
 class Constraints(_Model):
     """Hard limits the router must respect when it picks a backend."""

@@ -810,8 +810,8 @@ class _Walk:
         """Log a request that ends in ``exc`` and add its attempt trail to the request span."""
         exc.cost_usd = self.billed
         self.r._tracing.request_failed(self.span, self.attempts)
-        if log.isEnabledFor(logging.WARNING):
-            log.warning("request %s failed: %s", self.request_id, exc, extra=self._extra(
+        if log.isEnabledFor(logging.INFO):  # INFO, not WARNING: the caller gets the error; a log must not echo it
+            log.info("request %s failed: %s", self.request_id, exc, extra=self._extra(
                 provider=exc.provider, model=None, outcome="error", cost=self.billed,
                 latency=self.r._clock() - start, error=exc.kind))
 

@@ -6,7 +6,8 @@ Any OpenAI Images client can point its ``base_url`` at it; the router picks the 
     app = create_app(router, keys=ServerKeys.from_file("keys.toml"))   # an ASGI app for any server
     serve("0.0.0.0", 8000, keys_file="keys.toml")                        # or run it with uvicorn
 
-Endpoints (request and response bodies in OpenAI's shapes):
+Endpoints (request and response bodies in OpenAI's shapes; the schema is served at ``/openapi.json``,
+readable at ``/docs``):
 
 - ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits`` (multipart: ``image``, optional
   ``mask`` — alpha 0 marks the area to repaint, as OpenAI's — and the same fields as text parts).
@@ -14,7 +15,8 @@ Endpoints (request and response bodies in OpenAI's shapes):
   ``{"created", "data": [{"b64_json"}], "output_format", "size", "usage"?, "imagerouter": {...}}``:
   ``usage`` (OpenAI's token shape) only when the serving backend bills tokens; ``imagerouter`` holds the
   provider, model, cost, attempts and warnings. ``response_format: "url"`` is served as ``data:`` URLs:
-  this server keeps no images to link to.
+  this server keeps no images to link to. ``n`` and ``partial_images`` must be JSON integers, ``stream``
+  a JSON boolean (``n: "2"`` and ``n: true`` are refused); in multipart they are the usual text.
 - The router's own fields ride along as extra body fields (JSON values; in multipart, JSON-encoded text):
   ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``, ``scheduler``, ``aspect_ratio``,
   ``size_mode``, ``strength``, ``init_image``, ``mask_image``, ``controls``, ``loras``, ``upscale``,
@@ -41,8 +43,30 @@ Answers carry ``x-imagerouter-request-id``, ``-provider``, ``-model``, ``-cost-u
 Authentication: with :class:`~router.keys.ServerKeys`, ``/v1/*`` needs ``Authorization: Bearer <key>``.
 Each request is tagged ``key:<name>`` in the ledger (plus the key's own tags), and a key's budget is set
 on that tag; a key's ``rpm`` caps its image requests per minute (429 ``rate_limit_exceeded`` with
-``Retry-After`` beyond it). With no keys the app is open and logs a warning; :func:`serve` refuses to bind anything but
-loopback without keys unless ``allow_open=True``.
+``Retry-After`` beyond it). With no keys the app is open and logs a warning; :func:`serve` refuses to bind
+anything but loopback without keys unless ``allow_open=True``, and refuses a key file that group or others
+may write.
+
+What the operator decides, not the client:
+
+- Provider options: a client sets only those its key's allow-list grants (``provider_options`` in the key
+  file; else the server's ``client_options``, ``*`` by default: every option). The safety switches
+  (:data:`~router.keys.SAFETY_OPTIONS`: ``safety_checker``, ``disable_safety_checker``,
+  ``safety_tolerance``, ``moderation``) are granted only by name in a key's own list; anything else is a
+  403 ``option_not_allowed``.
+- LoRAs: a client names one (``{"ref": "film-grain", "weight": 0.8}``) and the server finds
+  ``film-grain.safetensors`` (or a directory ``film-grain/`` holding one) in the directories the operator
+  lists (``lora_dirs``, ``--lora-dir``), never outside them (links out of them are not followed). Paths,
+  ``~`` and ``..`` are refused, and every miss has the same answer, so the answers tell nothing about the
+  server's files.
+
+Memory is bounded: a body is streamed and counted against ``max_body_bytes`` (FastAPI's ``max_body_size``: a
+413; a ``Content-Length`` over it is refused before anything is read, with Starlette's plain-text 413
+``Content Too Large``); the bodies of requests in flight together hold at most
+``max_inflight_body_bytes`` (default: one maximal body), reserved from ``Content-Length`` (or the whole body
+cap when there is none) for the request's whole life, first come first served; a request that waits longer
+than ``body_wait_s`` for room is a 503 ``server_busy`` with ``Retry-After``. Multipart bodies go through
+Starlette's parser with its limits (files, fields, 1 MiB a text field; files spool to disk past 1 MiB).
 
 Nothing blocks the event loop: a body or an answer over 256 KiB is parsed, decoded and encoded in a worker
 thread, a slice at a time (inline images are never parsed by json or copied whole), and images are checked
@@ -50,16 +74,19 @@ from their headers; the pixels are decoded by the backend that needs them. Answe
 parts with a ``Content-Length``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (the
-field in ``param``) or content policy, 401 missing or wrong key, 404 unknown route or model, 413 body or
-image over its limit, 429 budget exceeded (code ``budget_exceeded``) or every provider rate limited,
-502 every provider failed or a provider refused the server's credentials, 503 no provider can serve the
-request (``no_route``), 504 deadline exceeded. Messages never carry a secret.
+field in ``param``), content policy, or no provider can serve the request (``no_route``, with every
+candidate's ``rejections``), 401 missing or wrong key, 403 a provider option the key may not set, 404
+unknown route or model, 413 body or image over its limit, 429 budget exceeded (code ``budget_exceeded``)
+or rate limited, 502 every provider failed or a provider refused the server's credentials, 503 the server
+is busy (bodies in flight), 504 deadline exceeded. Messages never carry a secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ctypes
 import ipaddress
 import json
 import logging
@@ -68,17 +95,22 @@ import os
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+import pydantic
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policies.policy import PRESETS
@@ -89,8 +121,13 @@ from router.errors import (
     ContentPolicyError,
     DeadlineExceeded,
     ImageRouterError,
+    InsufficientCredits,
     InvalidRequestError,
+    MalformedResponse,
     NoRouteError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
     RequestValidationError,
     redact,
 )
@@ -102,10 +139,10 @@ from router.images import (
     join_pieces,
     let_others_run,
 )
-from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys
+from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys, is_safety_option, option_allowed, option_entries
 from router.logs import install_redaction
 from router.metrics import ServerMetrics
-from router.request import Constraints, ImageRequest
+from router.request import Constraints, ImageRequest, QualityFloor
 
 if TYPE_CHECKING:
     from router.result import GenerationResult
@@ -115,26 +152,55 @@ log = install_redaction(logging.getLogger("imagerouter.server"))
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
+DEFAULT_BODY_WAIT_S = 30.0
+DEFAULT_CLIENT_OPTIONS: tuple[str, ...] = ("*",)
 _MAX_FIELD_BYTES = 1024 * 1024
 
-_OPENAI_FIELDS = frozenset({"prompt", "model", "n", "size", "response_format", "output_format", "stream",
-                            "partial_images"})
 # OpenAI settings with no unified field: forwarded to every provider that declares the option.
-_VENDOR_OPTIONS = ("quality", "background", "output_compression", "moderation", "input_fidelity", "user", "style",
-                   "safety_identifier")
-_REQUEST_FIELDS = frozenset({
-    "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "aspect_ratio", "size_mode", "strength",
-    "init_image", "mask_image", "controls", "loras", "upscale", "provider", "constraints", "tags",
-    "idempotency_key", "deadline_s", "provider_options", "width", "height",
-}) | frozenset(Constraints.model_fields)
-_KNOWN_FIELDS = _OPENAI_FIELDS | _REQUEST_FIELDS | frozenset(_VENDOR_OPTIONS) | {"policy"}
-_JSON_FORM_FIELDS = frozenset({"controls", "loras", "constraints", "provider_options", "tags", "residency",
-                               "allow_providers", "deny_providers"})
+_VENDOR_OPTIONS = (
+    "quality",
+    "background",
+    "output_compression",
+    "moderation",
+    "input_fidelity",
+    "user",
+    "style",
+    "safety_identifier",
+)
+_REQUEST_FIELDS = frozenset(
+    {
+        "negative_prompt",
+        "seed",
+        "steps",
+        "guidance_scale",
+        "scheduler",
+        "aspect_ratio",
+        "size_mode",
+        "strength",
+        "upscale",
+        "provider",
+        "idempotency_key",
+        "deadline_s",
+        "width",
+        "height",
+        "n",
+        "output_format",
+    }
+) | frozenset(Constraints.model_fields)
+# multipart text parts holding JSON; and the strictly typed fields, whose multipart text is read as JSON
+_JSON_FORM_FIELDS = frozenset(
+    {"controls", "loras", "constraints", "provider_options", "tags", "residency", "allow_providers", "deny_providers"}
+)
+_SCALAR_FORM_FIELDS = frozenset({"n", "partial_images", "stream", "output_compression"})
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 _PARAM_NAMES = {"width": "size", "height": "size", "init_image": "image", "mask_image": "mask"}
 _FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 _MAX_WARNING_HEADERS = 20
 _MAX_FILES, _MAX_FIELDS = 4, 100
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_LORA_MISS = (
+    "No LoRA by that name is offered by this server: give the bare name of a LoRA its operator provides (no path)."
+)
 
 # Nothing blocks the event loop: a request body, or the images of an answer, up to _INLINE_BYTES is
 # handled on the loop (microseconds); a larger one in a worker thread. There, JSON, multipart and
@@ -151,24 +217,51 @@ _YIELD_BYTES = 256 * 1024  # the loop runs other tasks after each 256 KiB of a b
 
 
 class APIError(Exception):
-    """An error answer in OpenAI's shape; ``error`` is the label counted in the metrics."""
+    """An error answer in OpenAI's shape; ``error`` is the label counted in the metrics, ``extra`` more
+    fields of the error object (``rejections`` of a no-route answer)."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, error: str = "InvalidRequest", headers: Mapping[str, str] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        error: str = "InvalidRequest",
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, redact(message), type, param, code
         self.error = error
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        body = {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}
+        }
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def _too_large(what: str, limit: int, param: str | None = None) -> APIError:
-    return APIError(413, f"{what} is over this server's limit of {limit} bytes.", param=param,
-                    code="request_too_large" if param is None else "image_too_large", error="RequestTooLarge")
+    return APIError(
+        413,
+        f"{what} is over this server's limit of {limit} bytes.",
+        param=param,
+        code="request_too_large" if param is None else "image_too_large",
+        error="RequestTooLarge",
+    )
+
+
+def _rejections(exc: NoRouteError) -> list[dict[str, str]]:
+    """Why each candidate was refused (providers this server has no credentials for left out)."""
+    return [
+        {"provider": r.provider, "model": r.model, "code": r.code, "reason": redact(r.reason)}
+        for r in exc.rejections
+        if r.code != "not-configured"
+    ]
 
 
 def api_error(exc: ImageRouterError) -> APIError:
@@ -177,35 +270,265 @@ def api_error(exc: ImageRouterError) -> APIError:
     kind = exc.kind
     if isinstance(exc, RequestValidationError):
         field_name = exc.field.split(".")[0]
-        return APIError(400, exc.message, param=_PARAM_NAMES.get(field_name, exc.field), code="invalid_value",
-                        error=kind, headers=headers)
+        return APIError(
+            400,
+            exc.message,
+            param=_PARAM_NAMES.get(field_name, exc.field),
+            code="invalid_value",
+            error=kind,
+            headers=headers,
+        )
     if isinstance(exc, BudgetExceeded):
-        return APIError(429, exc.message, type="insufficient_quota", code="budget_exceeded", error=kind,
-                        headers=headers)
+        return APIError(
+            429, exc.message, type="insufficient_quota", code="budget_exceeded", error=kind, headers=headers
+        )
     if isinstance(exc, NoRouteError):
-        reasons = [r for r in exc.rejections if r.code != "not-configured"]
-        if reasons and all(r.code == "budget" for r in reasons):
-            return APIError(429, exc.message, type="insufficient_quota", code="budget_exceeded", error=kind,
-                            headers=headers)
-        return APIError(503, exc.message, type="server_error", code="no_route", error=kind, headers=headers)
+        rejections = _rejections(exc)
+        if rejections and all(r["code"] == "budget" for r in rejections):
+            return APIError(
+                429, exc.message, type="insufficient_quota", code="budget_exceeded", error=kind, headers=headers
+            )
+        return APIError(
+            400, exc.message, code="no_route", error=kind, headers=headers, extra={"rejections": rejections}
+        )
     if isinstance(exc, AllProvidersFailed):
         failed = [a for a in exc.attempts if a.outcome == "error"]
         if failed and all(a.error == "RateLimited" for a in failed):
-            return APIError(429, exc.message, type="requests", code="rate_limit_exceeded", error=kind,
-                            headers=headers)
-        return APIError(502, exc.message, type="server_error", code="all_providers_failed", error=kind,
-                        headers=headers)
+            return APIError(429, exc.message, type="requests", code="rate_limit_exceeded", error=kind, headers=headers)
+        return APIError(502, exc.message, type="server_error", code="all_providers_failed", error=kind, headers=headers)
     if isinstance(exc, DeadlineExceeded):
         return APIError(504, exc.message, type="server_error", code="deadline_exceeded", error=kind, headers=headers)
     if isinstance(exc, AuthenticationError):  # the provider refused the server's credentials, not the client's
-        return APIError(502, f"provider {exc.provider or '?'} refused this server's credentials", type="server_error",
-                        code="upstream_authentication", error=kind, headers=headers)
+        return APIError(
+            502,
+            f"provider {exc.provider or '?'} refused this server's credentials",
+            type="server_error",
+            code="upstream_authentication",
+            error=kind,
+            headers=headers,
+        )
     if isinstance(exc, ContentPolicyError):
-        return APIError(400, exc.message, type="image_generation_user_error", code="content_policy_violation",
-                        error=kind, headers=headers)
+        return APIError(
+            400,
+            exc.message,
+            type="image_generation_user_error",
+            code="content_policy_violation",
+            error=kind,
+            headers=headers,
+        )
     if isinstance(exc, InvalidRequestError):
         return APIError(400, exc.message, code=exc.code or "invalid_request", error=kind, headers=headers)
+    if isinstance(exc, RateLimited):
+        return APIError(429, exc.message, type="requests", code="rate_limit_exceeded", error=kind, headers=headers)
+    if isinstance(exc, ProviderUnavailable | ProviderTimeout | MalformedResponse | InsufficientCredits):
+        return APIError(502, exc.message, type="server_error", code="upstream_error", error=kind, headers=headers)
     return APIError(500, exc.message, type="server_error", code=None, error=kind, headers=headers)
+
+
+def _invalid(exc: pydantic.ValidationError, prefix: str = "") -> APIError:
+    """A 400 for the first problem pydantic found in a body (the field in ``param``)."""
+    problems = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = problems[0]
+    where = ".".join(str(p) for p in first["loc"])
+    param = prefix + where if where else None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    more = f" ({len(problems) - 1} more problem(s) in this body)" if len(problems) > 1 else ""
+    if kind in ("value_error", "assertion_error"):
+        message = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return APIError(400, f"{message}{more}", param=param, code="invalid_value")
+    typed = kind.endswith(("_type", "_parsing")) or kind in ("is_instance_of", "model_attributes_type")
+    what = "type" if typed else "value"
+    return APIError(
+        400,
+        f"Invalid {what} for '{param}': {first['msg']}.{more}",
+        param=param,
+        code="invalid_type" if typed else "invalid_value",
+    )
+
+
+# --- request and response models (the OpenAPI schema) -------------------------------------
+
+
+def _image_text(value: Any) -> Any:
+    if value is None or isinstance(value, str | _Span):
+        return value
+    raise ValueError("expected a base64 string or a data URL")
+
+
+ClientImage = Annotated[
+    Any,
+    AfterValidator(_image_text),
+    WithJsonSchema(
+        {"type": "string", "description": "base64 or a data: URL (an http(s) URL only where the server allows them)"}
+    ),
+]
+
+
+def _valid_size(value: str | None) -> str | None:
+    if value in (None, "", "auto"):
+        return None
+    assert value is not None
+    if not _SIZE.match(value):
+        raise ValueError(f"Invalid size '{value[:40]}': use 'auto' or 'WIDTHxHEIGHT'.")
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ControlBody(_Body):
+    """A ControlNet condition: its kind and image, and how strongly and when it applies."""
+
+    kind: str
+    image: ClientImage
+    scale: float | None = None
+    start: float | None = None
+    end: float | None = None
+    preprocess: bool | None = None
+
+
+class LoraBody(_Body):
+    """A LoRA by the name the server offers it under (never a path), and its weight."""
+
+    ref: str = Field(min_length=1, max_length=200, description="the bare name of a LoRA this server offers")
+    weight: float | None = None
+
+
+class ImageGenerationRequest(_Body):
+    """``POST /v1/images/generations`` and ``/v1/route``: OpenAI's fields, then the router's."""
+
+    prompt: str
+    model: str | None = Field(None, max_length=200, description="a model, provider/model, a provider, or auto")
+    n: StrictInt | None = Field(None, ge=1, le=16)
+    size: Annotated[str | None, AfterValidator(_valid_size)] = Field(None, description="WIDTHxHEIGHT or auto")
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    stream: StrictBool | None = Field(None, description="streaming is not supported: false or absent")
+    partial_images: StrictInt | None = Field(None, ge=0, le=3, description="ignored: this server does not stream")
+    # OpenAI's vendor settings, forwarded to the providers that declare them
+    quality: str | None = None
+    background: str | None = None
+    output_compression: int | None = None
+    moderation: str | None = None
+    input_fidelity: str | None = None
+    user: str | None = None
+    style: str | None = None
+    safety_identifier: str | None = None
+    # the router's own fields (see router.request.ImageRequest)
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    aspect_ratio: str | None = None
+    size_mode: Literal["adapt", "exact"] | None = None
+    width: int | None = None
+    height: int | None = None
+    strength: float | None = None
+    init_image: ClientImage = None
+    mask_image: ClientImage = None
+    controls: list[ControlBody] | None = None
+    loras: list[LoraBody] | None = None
+    upscale: float | None = None
+    provider: str | None = None
+    constraints: Constraints | None = None
+    max_cost_usd: Decimal | None = None
+    max_latency_s: float | None = None
+    residency: list[str] | str | None = None
+    allow_providers: list[str] | str | None = None
+    deny_providers: list[str] | str | None = None
+    quality_floor: QualityFloor | None = None
+    strict: bool | None = None
+    tags: list[str] | str | None = None
+    idempotency_key: str | None = None
+    deadline_s: float | None = None
+    provider_options: dict[str, dict[str, Any]] | None = Field(
+        None, description="settings keyed by provider name; a key sets only those its allow-list grants"
+    )
+    policy: str | None = Field(None, description="a preset the server lets clients pick")
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """``POST /v1/images/edits`` (multipart): the image and optional mask as files, the rest as text parts
+    (JSON-encoded for objects and lists)."""
+
+    image: bytes
+    mask: bytes | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = Field(None, description="a data: URL")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    usage: dict[str, Any] | None = None
+    imagerouter: dict[str, Any] = Field(description="provider, model, cost, attempts and warnings")
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+    rejections: list[dict[str, str]] | None = Field(None, description="no_route: why each candidate was refused")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorObject
+
+
+class RouteResponse(BaseModel):
+    object: Literal["route"] = "route"
+    decision: dict[str, Any]
+    explain: str
+    warnings: list[str]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in (
+        (400, "invalid request, content policy, or no provider can serve it (no_route)"),
+        (401, "missing or wrong API key"),
+        (403, "a provider option this key may not set"),
+        (404, "unknown model"),
+        (413, "body or image over its limit"),
+        (429, "budget exceeded or rate limited"),
+        (502, "every provider failed"),
+        (503, "the server is busy (request bodies in flight)"),
+        (504, "deadline exceeded"),
+    )
+}
+
+
+def _request_schema(model: type[BaseModel], media: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {media: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
 # --- request mapping -----------------------------------------------------------------
@@ -217,6 +540,8 @@ class _Parsed:
     policy: str | None
     response_format: Literal["b64_json", "url"]
     notes: list[str] = field(default_factory=list)
+    lora_names: dict[str, str] = field(default_factory=dict)
+    """resolved path -> the name the client gave, to put back into error messages."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +551,8 @@ class _Settings:
     unknown_model: Literal["route", "reject"]
     allow_image_urls: bool
     client_policies: frozenset[str]
+    client_options: frozenset[str] = frozenset(DEFAULT_CLIENT_OPTIONS)
+    lora_dirs: tuple[Path, ...] = ()
 
 
 def _client_image(value: Any, param: str, s: _Settings) -> bytes | str:
@@ -245,8 +572,12 @@ def _client_image(value: Any, param: str, s: _Settings) -> bytes | str:
     if head.startswith(("http://", "https://")):
         if s.allow_image_urls:
             return value.text() if isinstance(value, _Span) else value
-        raise APIError(400, f"'{param}': this server does not fetch image URLs; send base64 or a data URL.",
-                       param=param, code="invalid_value")
+        raise APIError(
+            400,
+            f"'{param}': this server does not fetch image URLs; send base64 or a data URL.",
+            param=param,
+            code="invalid_value",
+        )
     start = 0
     if head.startswith("data:"):
         start = comma + 1 if comma >= 0 else len(text)
@@ -255,8 +586,242 @@ def _client_image(value: Any, param: str, s: _Settings) -> bytes | str:
     try:
         return b64decode(text, start=start, what=param)
     except ImageDecodeError:
-        raise APIError(400, f"'{param}' is not valid base64 or a data URL.", param=param,
-                       code="invalid_value") from None
+        raise APIError(
+            400, f"'{param}' is not valid base64 or a data URL.", param=param, code="invalid_value"
+        ) from None
+
+
+def _lora_file(name: str, dirs: Sequence[Path]) -> Path | None:
+    """The ``.safetensors`` file a client's LoRA name stands for, inside one of ``dirs`` (resolved
+    paths), or None. A name is never a path: separators, ``~``, ``..`` and leading dots are misses, and
+    a link leading out of the directory is not followed."""
+    if not _LORA_NAME.match(name) or ".." in name:
+        return None
+    stem = name.removesuffix(".safetensors")
+    for root in dirs:
+        for candidate in (root / f"{stem}.safetensors", root / stem):
+            try:
+                real = Path(os.path.realpath(candidate))
+                if not real.is_relative_to(root):
+                    continue
+                if real.is_dir():
+                    files = sorted(p for p in real.glob("*.safetensors") if p.is_file())
+                    preferred = [p for p in files if p.name == "pytorch_lora_weights.safetensors"]
+                    if not preferred and len(files) != 1:
+                        continue
+                    real = Path(os.path.realpath((preferred or files)[0]))
+                    if not real.is_relative_to(root):
+                        continue
+                if real.suffix == ".safetensors" and real.is_file():
+                    return real
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _check_options(
+    options: Mapping[str, Mapping[str, Any]], top_level: Collection[str], key: ServerKey | None, s: _Settings
+) -> None:
+    """Refuse (403) a provider option the key's allow-list (or the server's default) does not grant."""
+    allowed = s.client_options if key is None or key.provider_options is None else key.provider_options
+    for provider, settings in options.items():
+        for option in settings:
+            if option_allowed(allowed, provider, option):
+                continue
+            param = option if option in top_level else f"provider_options.{provider}.{option}"
+            who = f"key {key.name!r}" if key is not None else "this server's clients"
+            if is_safety_option(option):
+                message = (
+                    f"'{param}' is a safety setting: only this server's operator decides it "
+                    f"({who} is not allowed to change it). Leave it out."
+                )
+            else:
+                message = (
+                    f"'{param}' is not a provider option {who} may set; leave it out, or ask the operator "
+                    "to allow it for your key."
+                )
+            raise APIError(403, message, param=param, code="option_not_allowed", error="OptionNotAllowed")
+
+
+def _build(
+    body: Mapping[str, Any],
+    router: AsyncRouter,
+    key: ServerKey | None,
+    s: _Settings,
+    images: Mapping[str, bytes] | None = None,
+) -> _Parsed:
+    """The :class:`ImageRequest` (and server options) for an OpenAI-shaped body plus the router's fields."""
+    try:
+        req = ImageGenerationRequest.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise _invalid(exc) from None
+    if req.stream:
+        raise APIError(400, "Streaming is not supported by this server.", param="stream", code="unsupported_value")
+    notes: list[str] = []
+    if req.partial_images:
+        notes.append("partial_images ignored: this server does not stream")
+    kw: dict[str, Any] = {k: v for k in _REQUEST_FIELDS if (v := getattr(req, k)) is not None}
+    if req.constraints is not None:
+        kw["constraints"] = req.constraints
+
+    if req.size is not None:
+        if "width" in kw or "height" in kw or "aspect_ratio" in kw:
+            raise APIError(
+                400, "Give either 'size' or width/height/aspect_ratio, not both.", param="size", code="invalid_value"
+            )
+        match = _SIZE.match(req.size)
+        assert match is not None
+        kw["width"], kw["height"] = int(match[1]), int(match[2])
+    _resolve_model(req.model, router, s, kw, notes)
+
+    options = {name: dict(settings) for name, settings in (req.provider_options or {}).items()}
+    top_level = [option for option in _VENDOR_OPTIONS if getattr(req, option) is not None]
+    for option in top_level:
+        takers = [p.name for p in router.providers.values() if option in p.provider_option_names()]
+        if not takers:
+            options.setdefault("*", {})[option] = getattr(req, option)  # checked below, then dropped
+            notes.append(f"{option} ignored: no provider here takes it")
+        for name in takers:
+            options.setdefault(name, {}).setdefault(option, getattr(req, option))
+    _check_options(options, top_level, key, s)
+    options.pop("*", None)
+    if options:
+        kw["provider_options"] = options
+
+    lora_names: dict[str, str] = {}
+    if req.loras:
+        loras = []
+        for i, lora in enumerate(req.loras):
+            path = _lora_file(lora.ref, s.lora_dirs)
+            if path is None:
+                raise APIError(400, _LORA_MISS, param=f"loras.{i}.ref", code="lora_not_found")
+            lora_names[str(path)] = lora.ref
+            loras.append({"ref": str(path), **({} if lora.weight is None else {"weight": lora.weight})})
+        kw["loras"] = loras
+
+    for name in ("init_image", "mask_image"):  # the costly part last
+        value = getattr(req, name)
+        if value is not None:
+            kw[name] = _client_image(value, name, s)
+    if images:
+        kw.update(images)
+    if req.controls:
+        kw["controls"] = [
+            {
+                **c.model_dump(exclude={"image"}, exclude_none=True),
+                "image": _client_image(c.image, f"controls.{i}.image", s),
+            }
+            for i, c in enumerate(req.controls)
+        ]
+
+    tags = [req.tags] if isinstance(req.tags, str) else list(req.tags or ())
+    if any(t.startswith(TAG_PREFIX) for t in tags):
+        raise APIError(
+            400,
+            f"tags starting with '{TAG_PREFIX}' are set by the server from the API key.",
+            param="tags",
+            code="invalid_value",
+        )
+    if key is not None:
+        tags = [*tags, key.tag, *key.tags]
+    if tags:
+        kw["tags"] = frozenset(tags)
+
+    if req.policy is not None and req.policy not in s.client_policies:
+        allowed = ", ".join(sorted(s.client_policies)) or "none: the server's policy applies"
+        raise APIError(
+            400,
+            f"Invalid 'policy': choose a preset this server allows ({allowed}).",
+            param="policy",
+            code="invalid_value",
+        )
+    try:
+        request = ImageRequest.from_kwargs(req.prompt, **kw)
+    except RequestValidationError:
+        raise
+    except (TypeError, ValueError) as exc:  # a wrongly typed nested value the validators did not expect
+        raise APIError(400, f"invalid request: {type(exc).__name__}", code="invalid_type") from None
+    return _Parsed(request, req.policy, req.response_format or "b64_json", notes, lora_names)
+
+
+def _form_value(name: str, text: str) -> Any:
+    """A multipart text part as the value a JSON body would hold: objects and lists, and the strictly
+    typed scalars (``n``, ``stream``, …), are read as JSON; everything else stays text."""
+    if (name in _JSON_FORM_FIELDS and text[:1] in ("[", "{")) or name in _SCALAR_FORM_FIELDS:
+        try:
+            return json.loads(text)
+        except ValueError:
+            if name in _SCALAR_FORM_FIELDS:
+                return text  # the model says what it should be
+            raise APIError(400, f"'{name}' must be JSON.", param=name, code="invalid_value") from None
+    return text
+
+
+def _edit(form: FormData, router: AsyncRouter, key: ServerKey | None, s: _Settings) -> _Parsed:
+    """The request of a multipart ``/v1/images/edits`` body, parsed by Starlette (files spooled)."""
+    body: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            param = {"image": "image", "image[]": "image", "mask": "mask"}.get(name)
+            if param is None:
+                raise APIError(400, f"Unrecognized file supplied: {name}", param=name, code="unknown_parameter")
+            target = "init_image" if param == "image" else "mask_image"
+            if target in files:
+                raise APIError(
+                    400,
+                    f"Send one '{param}' file; this server edits one image at a time.",
+                    param=param,
+                    code="invalid_value",
+                )
+            value.file.seek(0)
+            data = value.file.read(s.max_image_bytes + 1)
+            if len(data) > s.max_image_bytes:
+                raise _too_large(f"'{param}'", s.max_image_bytes, param)
+            files[target] = data
+        elif name in ("image", "image[]", "mask", "init_image", "mask_image"):
+            raise APIError(400, f"'{name}' must be uploaded as a file.", param=name, code="invalid_type")
+        elif name in body:
+            raise APIError(400, f"'{name}' is given twice.", param=name, code="invalid_value")
+        else:
+            body[name] = _form_value(name, value)
+    if "init_image" not in files:
+        raise APIError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+    return _build(body, router, key, s, files)
+
+
+def _resolve_model(model: Any, router: AsyncRouter, s: _Settings, kw: dict[str, Any], notes: list[str]) -> None:
+    if model is None or model in ("", "auto"):
+        return
+    if not isinstance(model, str) or len(model) > 200:
+        raise APIError(400, "'model' must be a model name.", param="model", code="invalid_type")
+    providers = router.providers
+    head, sep, tail = model.partition("/")
+    if sep and head in providers and tail:
+        if not providers[head].supports_model(tail):
+            raise APIError(
+                404,
+                f"The model `{tail}` is not offered by provider {head}.",
+                param="model",
+                code="model_not_found",
+                error="ModelNotFound",
+            )
+        kw.setdefault("provider", head)
+        kw.setdefault("model", tail)
+    elif any(p.supports_model(model) for p in providers.values()):
+        kw.setdefault("model", model)
+    elif model in providers:
+        kw.setdefault("provider", model)
+    elif s.unknown_model == "reject":
+        raise APIError(
+            404,
+            f"The model `{model}` is not offered by this server; GET /v1/models lists them.",
+            param="model",
+            code="model_not_found",
+            error="ModelNotFound",
+        )
+    else:
+        notes.append(f"model {model} is not offered here; routed by policy")
 
 
 # --- large bodies, without holding the GIL for long ------------------------------------------
@@ -272,11 +837,11 @@ class _Span:
     end: int
 
     def view(self) -> memoryview:
-        return memoryview(self.body)[self.start:self.end]
+        return memoryview(self.body)[self.start : self.end]
 
     def text(self) -> str:
         """The string itself, as json.loads reads it (the rare long value that is not an image)."""
-        return str(json.loads(self.body[self.start - 1:self.end + 1]))
+        return str(json.loads(self.body[self.start - 1 : self.end + 1]))
 
 
 def _find(body: bytes, char: bytes, start: int, end: int) -> int:
@@ -330,8 +895,9 @@ def _restore(value: Any, spans: dict[str, _Span], path: tuple[Any, ...]) -> Any:
         span = spans.get(value)
         if span is None:
             return value
-        image = path in (("init_image",), ("mask_image",)) or (len(path) == 3 and path[0] == "controls"
-                                                                and path[2] == "image")
+        image = path in (("init_image",), ("mask_image",)) or (
+            len(path) == 3 and path[0] == "controls" and path[2] == "image"
+        )
         return span if image else span.text()
     if isinstance(value, dict):
         return {(spans[k].text() if k in spans else k): _restore(v, spans, (*path, k)) for k, v in value.items()}
@@ -364,252 +930,6 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-@dataclass(eq=False)
-class _FilePart:
-    """An uploaded file of a multipart body: its pieces, kept up to the image cap."""
-
-    name: str
-    size: int = 0
-    pieces: list[bytes] = field(default_factory=list)
-
-
-def _read_form(content_type: str, chunks: list[bytes], s: _Settings) -> list[tuple[str, str | _FilePart]]:
-    """The parts of a multipart body in order: fields as text, files as :class:`_FilePart`.
-
-    python-multipart is fed _SLICE bytes at a time; a file's bytes are kept only up to
-    ``max_image_bytes`` (its size is still counted), a field's up to 1 MiB.
-    """
-    def fail(message: str) -> APIError:
-        return APIError(400, f"The multipart body could not be read: {message}")
-
-    _, params = parse_options_header(content_type)
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise fail("Missing boundary in multipart.")
-    charset = params.get(b"charset", b"utf-8").decode("latin-1")
-    items: list[tuple[str, str | _FilePart]] = []
-    header = [b"", b""]
-    part: dict[str, Any] = {}
-    counts = {"files": 0, "fields": 0}
-
-    def text(data: bytes) -> str:
-        try:
-            return data.decode(charset)
-        except (UnicodeDecodeError, LookupError):
-            return data.decode("latin-1")
-
-    def on_part_begin() -> None:
-        part.clear()
-        part.update(disposition=b"", value=None)
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header[0] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header[1] += data[start:end]
-
-    def on_header_end() -> None:
-        if header[0].lower() == b"content-disposition":
-            part["disposition"] = header[1]
-        header[0] = header[1] = b""
-
-    def on_headers_finished() -> None:
-        _, options = parse_options_header(part["disposition"])
-        if b"name" not in options:
-            raise fail('The Content-Disposition header field "name" must be provided.')
-        name = text(options[b"name"])
-        if b"filename" in options:
-            counts["files"] += 1
-            if counts["files"] > _MAX_FILES:
-                raise fail(f"Too many files. Maximum number of files is {_MAX_FILES}.")
-            part["value"] = _FilePart(name)
-        else:
-            counts["fields"] += 1
-            if counts["fields"] > _MAX_FIELDS:
-                raise fail(f"Too many fields. Maximum number of fields is {_MAX_FIELDS}.")
-            part["value"] = bytearray()
-        part["name"] = name
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        value = part["value"]
-        if isinstance(value, _FilePart):
-            value.size += end - start
-            if value.size <= s.max_image_bytes:
-                value.pieces.append(data[start:end])
-        else:
-            if len(value) + end - start > _MAX_FIELD_BYTES:
-                raise fail(f"Part exceeded maximum size of {_MAX_FIELD_BYTES // 1024}KB.")
-            value += data[start:end]
-
-    def on_part_end() -> None:
-        value = part["value"]
-        items.append((part["name"], value if isinstance(value, _FilePart) else text(bytes(value))))
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
-    })
-    try:
-        for chunk in _consumed(chunks):
-            for pos in range(0, len(chunk), _SLICE):
-                parser.write(chunk[pos:pos + _SLICE] if len(chunk) > _SLICE else chunk)
-                let_others_run()
-        parser.finalize()
-    except FormParserError:
-        raise fail("Invalid multipart data.") from None
-    return items
-
-
-def _edit(content_type: str, chunks: list[bytes], router: AsyncRouter, key: ServerKey | None,
-          s: _Settings) -> _Parsed:
-    """The request of a multipart ``/v1/images/edits`` body (given as the chunks it arrived in)."""
-    body: dict[str, Any] = {}
-    files: dict[str, bytes] = {}
-    for name, value in _read_form(content_type, chunks, s):
-        if isinstance(value, _FilePart):
-            param = {"image": "image", "image[]": "image", "mask": "mask"}.get(name)
-            if param is None:
-                raise APIError(400, f"Unrecognized file supplied: {name}", param=name, code="unknown_parameter")
-            target = "init_image" if param == "image" else "mask_image"
-            if target in files:
-                raise APIError(400, f"Send one '{param}' file; this server edits one image at a time.",
-                               param=param, code="invalid_value")
-            if value.size > s.max_image_bytes:
-                raise _too_large(f"'{param}'", s.max_image_bytes, param)
-            files[target] = join_pieces(_consumed(value.pieces))
-        elif name in ("image", "image[]", "mask", "init_image", "mask_image"):
-            raise APIError(400, f"'{name}' must be uploaded as a file.", param=name, code="invalid_type")
-        else:
-            body[name] = _form_value(name, value)
-    if "init_image" not in files:
-        raise APIError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
-    return _build(body, router, key, s, files)
-
-
-def _resolve_model(model: Any, router: AsyncRouter, s: _Settings, kw: dict[str, Any], notes: list[str]) -> None:
-    if model is None or model in ("", "auto"):
-        return
-    if not isinstance(model, str) or len(model) > 200:
-        raise APIError(400, "'model' must be a model name.", param="model", code="invalid_type")
-    providers = router.providers
-    head, sep, tail = model.partition("/")
-    if sep and head in providers and tail:
-        if not providers[head].supports_model(tail):
-            raise APIError(404, f"The model `{tail}` is not offered by provider {head}.", param="model",
-                           code="model_not_found", error="ModelNotFound")
-        kw.setdefault("provider", head)
-        kw.setdefault("model", tail)
-    elif any(p.supports_model(model) for p in providers.values()):
-        kw.setdefault("model", model)
-    elif model in providers:
-        kw.setdefault("provider", model)
-    elif s.unknown_model == "reject":
-        raise APIError(404, f"The model `{model}` is not offered by this server; GET /v1/models lists them.",
-                       param="model", code="model_not_found", error="ModelNotFound")
-    else:
-        notes.append(f"model {model} is not offered here; routed by policy")
-
-
-def _build(body: Mapping[str, Any], router: AsyncRouter, key: ServerKey | None, s: _Settings,
-           images: Mapping[str, bytes] | None = None) -> _Parsed:
-    """The :class:`ImageRequest` (and server options) for an OpenAI-shaped body plus the router's fields."""
-    for name in body:
-        if name not in _KNOWN_FIELDS:
-            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
-                           code="unknown_parameter")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise APIError(400, "Missing required parameter: 'prompt'." if prompt is None else
-                       "Invalid type for 'prompt': expected a string.", param="prompt",
-                       code="missing_required_parameter" if prompt is None else "invalid_type")
-    if body.get("stream") in (True, "true"):
-        raise APIError(400, "Streaming is not supported by this server.", param="stream", code="unsupported_value")
-    response_format: Literal["b64_json", "url"] = body.get("response_format") or "b64_json"
-    if response_format not in ("b64_json", "url"):
-        raise APIError(400, f"Invalid value: '{response_format}'. Supported values are: 'b64_json', 'url'.",
-                       param="response_format", code="invalid_value")
-    notes: list[str] = []
-    kw: dict[str, Any] = {k: v for k, v in body.items() if k in _REQUEST_FIELDS and v is not None}
-
-    size = body.get("size")
-    if size not in (None, "", "auto"):
-        match = _SIZE.match(size) if isinstance(size, str) else None
-        if match is None:
-            raise APIError(400, f"Invalid size '{size}': use 'auto' or 'WIDTHxHEIGHT'.", param="size",
-                           code="invalid_value")
-        if "width" in kw or "height" in kw or "aspect_ratio" in kw:
-            raise APIError(400, "Give either 'size' or width/height/aspect_ratio, not both.", param="size",
-                           code="invalid_value")
-        kw["width"], kw["height"] = int(match[1]), int(match[2])
-    for name in ("n", "output_format"):
-        if body.get(name) is not None:
-            kw[name] = body[name]
-    _resolve_model(body.get("model"), router, s, kw, notes)
-
-    given = kw.get("provider_options") or {}
-    if not isinstance(given, dict):
-        raise APIError(400, "'provider_options' must be an object keyed by provider name.", param="provider_options",
-                       code="invalid_type")
-    options = {k: dict(v) if isinstance(v, dict) else v for k, v in given.items()}
-    for option in _VENDOR_OPTIONS:
-        if body.get(option) is None:
-            continue
-        takers = [p.name for p in router.providers.values() if option in p.provider_option_names()]
-        if not takers:
-            notes.append(f"{option} ignored: no provider here takes it")
-        for name in takers:
-            if isinstance(options.setdefault(name, {}), dict):
-                options[name].setdefault(option, body[option])
-    if options:
-        kw["provider_options"] = options
-
-    for name in ("init_image", "mask_image"):
-        if name in kw:
-            kw[name] = _client_image(kw[name], name, s)
-    if images:
-        kw.update(images)
-    if isinstance(kw.get("controls"), list):
-        kw["controls"] = [
-            {**c, "image": _client_image(c.get("image"), f"controls.{i}.image", s)} if isinstance(c, dict) else c
-            for i, c in enumerate(kw["controls"])
-        ]
-
-    tags = kw.get("tags", ())
-    tags = [tags] if isinstance(tags, str) else tags
-    if not isinstance(tags, list | tuple | set | frozenset) or not all(isinstance(t, str) for t in tags):
-        raise APIError(400, "'tags' must be a list of strings.", param="tags", code="invalid_type")
-    if any(t.startswith(TAG_PREFIX) for t in tags):
-        raise APIError(400, f"tags starting with '{TAG_PREFIX}' are set by the server from the API key.",
-                       param="tags", code="invalid_value")
-    if key is not None:
-        tags = [*tags, key.tag, *key.tags]
-    if tags:
-        kw["tags"] = frozenset(tags)
-
-    policy = body.get("policy")
-    if policy is not None and (not isinstance(policy, str) or policy not in s.client_policies):
-        allowed = ", ".join(sorted(s.client_policies)) or "none: the server's policy applies"
-        raise APIError(400, f"Invalid 'policy': choose a preset this server allows ({allowed}).", param="policy",
-                       code="invalid_value")
-    try:
-        request = ImageRequest.from_kwargs(prompt, **kw)
-    except RequestValidationError:
-        raise
-    except (TypeError, ValueError) as exc:  # a wrongly typed nested value the validators did not expect
-        raise APIError(400, f"invalid request: {type(exc).__name__}", code="invalid_type") from None
-    return _Parsed(request, policy, response_format, notes)
-
-
-def _form_value(name: str, text: str) -> Any:
-    if name in _JSON_FORM_FIELDS and text[:1] in ("[", "{"):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise APIError(400, f"'{name}' must be JSON.", param=name, code="invalid_value") from None
-    return text
-
-
 # --- responses ----------------------------------------------------------------------
 
 
@@ -637,8 +957,12 @@ def _usage(result: GenerationResult) -> dict[str, Any] | None:
         return None
     text, image = int(details.get("text_input_tokens", 0)), int(details.get("image_input_tokens", 0))
     out = int(details["output_tokens"])
-    return {"input_tokens": text + image, "input_tokens_details": {"text_tokens": text, "image_tokens": image},
-            "output_tokens": out, "total_tokens": text + image + out}
+    return {
+        "input_tokens": text + image,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": image},
+        "output_tokens": out,
+        "total_tokens": text + image + out,
+    }
 
 
 def _images_body(result: GenerationResult, parsed: _Parsed, payloads: list[str]) -> dict[str, Any]:
@@ -668,8 +992,9 @@ def _answer_parts(result: GenerationResult, parsed: _Parsed) -> list[bytes]:
     json.dumps (with a mark where each image goes), each image's base64 converted in slices."""
     nonce = secrets.token_hex(8)
     marks = [f"\x00{nonce}:{i}" for i in range(len(result.images))]
-    text = json.dumps(_images_body(result, parsed, marks), ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":"))
+    text = json.dumps(
+        _images_body(result, parsed, marks), ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    )
     parts: list[bytes] = []
     pos = 0
     for mark, img in zip(marks, result.images, strict=True):
@@ -714,10 +1039,10 @@ def _endpoint(path: str) -> str:
     return path if path in _ENDPOINTS else "other"
 
 
-_ENDPOINTS = frozenset({"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/route", "/healthz",
-                        "/metrics"})
-_ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                    Awaitable[None]]
+_ENDPOINTS = frozenset(
+    {"/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/route", "/healthz", "/metrics"}
+)
+_ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 class _Observe:
@@ -727,8 +1052,9 @@ class _Observe:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
-                       send: Callable[[Any], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -744,8 +1070,316 @@ class _Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.observe_request(_endpoint(scope["path"]), scope["method"], status,
-                                         time.perf_counter() - start)
+            self.metrics.observe_request(_endpoint(scope["path"]), scope["method"], status, time.perf_counter() - start)
+
+
+# --- memory: request bodies in flight --------------------------------------------------
+
+
+class _BodyBytes:
+    """The bytes of request bodies in flight, across requests, held under ``limit``: a request reserves its
+    size before its body is read and gives it back when it is answered. First come, first served (a
+    request waits while an earlier one waits), so a maximal body is never starved by smaller ones."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, size: int, timeout_s: float) -> bool:
+        """Reserve ``size`` bytes; False if there was no room within ``timeout_s``."""
+        if not self._waiting and self.held + size <= self.limit:
+            self.held += size
+            return True
+        entry = (size, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await entry[1]
+        except BaseException as exc:
+            if entry[1].done() and not entry[1].cancelled():
+                self.release(size)  # granted just as it gave up: hand it back
+            else:
+                entry[1].cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+                self._grant()  # it may have been the one the others waited behind
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting:
+            size, waiter = self._waiting[0]
+            if waiter.done():
+                self._waiting.popleft()
+            elif self.held + size <= self.limit:
+                self._waiting.popleft()
+                self.held += size
+                waiter.set_result(None)
+            else:
+                return
+
+
+# --- the routes ---------------------------------------------------------------------
+
+
+@dataclass
+class _Server:
+    """What the routes share: the router, the settings and the per-server state."""
+
+    router: AsyncRouter
+    keys: ServerKeys
+    settings: _Settings
+    metrics: ServerMetrics
+    bodies: _BodyBytes
+    body_wait_s: float
+    protect_metrics: bool
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+
+
+def _server(request: Request) -> _Server:
+    server: _Server = request.app.state.imagerouter
+    return server
+
+
+def _client_key(request: Request, server: Annotated[_Server, Depends(_server)]) -> ServerKey | None:
+    """The caller's key (401 without a valid one); None when the server has no keys."""
+    if not server.keys:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'.", error="MissingAPIKey")
+    entry = server.keys.verify(token)
+    if entry is None:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", error="InvalidAPIKey")
+    return entry
+
+
+def _image_client(
+    key: Annotated[ServerKey | None, Depends(_client_key)], server: Annotated[_Server, Depends(_server)]
+) -> ServerKey | None:
+    """The caller's key, within its image requests per minute (429 beyond)."""
+    if key is None or key.rpm is None:
+        return key
+    wait = server.limiter.take(key.name, key.rpm)
+    if wait:
+        raise APIError(
+            429,
+            f"Rate limit reached for key {key.name!r}: {key.rpm} image requests per minute; retry in {wait:.1f}s.",
+            type="requests",
+            code="rate_limit_exceeded",
+            error="RateLimited",
+            headers={"retry-after": str(max(1, math.ceil(wait)))},
+        )
+    return key
+
+
+async def _body(request: Request, server: Annotated[_Server, Depends(_server)]) -> AsyncIterator[Request]:
+    """The request, once room for its body is reserved among the bodies in flight (503 when none comes in
+    time). A Content-Length over the cap is a 413 before that; FastAPI's ``max_body_size`` counts the body
+    as it arrives (413 past the cap)."""
+    limit = server.settings.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise APIError(400, "Invalid Content-Length header.")
+        if int(length) > limit:
+            raise _too_large("The request body", limit)
+    size = limit if length is None else int(length)
+    if not await server.bodies.acquire(size, server.body_wait_s):
+        raise APIError(
+            503,
+            "The server is busy with other large requests; retry shortly.",
+            type="server_error",
+            code="server_busy",
+            error="ServerBusy",
+            headers={"retry-after": "2"},
+        )
+    try:
+        yield request
+    finally:
+        server.bodies.release(size)
+
+
+Server = Annotated[_Server, Depends(_server)]
+ClientKey = Annotated[ServerKey | None, Depends(_client_key)]
+ImageClient = Annotated[ServerKey | None, Depends(_image_client)]
+Body = Annotated[Request, Depends(_body, scope="function")]  # the room is given back as the handler returns
+
+
+async def _read_body(request: Request) -> list[bytes]:
+    """The body as the chunks it arrived in (joining them is left to whoever reads it, off the loop
+    when it is large)."""
+    chunks: list[bytes] = []
+    total, pause = 0, _YIELD_BYTES
+    async for chunk in request.stream():
+        total += len(chunk)
+        if chunk:
+            chunks.append(chunk)
+        if total >= pause:  # a body already buffered arrives without a pause: make one
+            pause += _YIELD_BYTES
+            await asyncio.sleep(0)
+    return chunks
+
+
+async def _parse_json(request: Request, server: _Server, key: ServerKey | None) -> _Parsed:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(400, "Send the request body as JSON (Content-Type: application/json).")
+    chunks = await _read_body(request)
+    router, settings = server.router, server.settings
+    if sum(len(c) for c in chunks) <= _INLINE_BYTES:
+        return _build(_json_object(b"".join(chunks)), router, key, settings)
+    return await asyncio.to_thread(lambda: _build(_json_object(_joined(chunks)), router, key, settings))
+
+
+async def _generate(server: _Server, parsed: _Parsed) -> Response:
+    try:
+        result = await server.router.agenerate(parsed.request, policy=parsed.policy)
+    except ImageRouterError as exc:
+        error = api_error(exc)
+        for path, name in parsed.lora_names.items():  # the client's LoRA names, not the server's paths
+            error.message = error.message.replace(path, name)
+            for rejection in error.extra.get("rejections", ()):
+                rejection["reason"] = rejection["reason"].replace(path, name)
+        raise error from None
+    server.metrics.observe_generation(result.provider, result.model, len(result.images), result.cost.actual_usd)
+    if sum(len(img.data) for img in result.images) <= _INLINE_BYTES:
+        parts = _answer_parts(result, parsed)
+    else:
+        parts = await asyncio.to_thread(_answer_parts, result, parsed)
+    response = _JSONParts(parts)
+    for name, value in _headers(result, parsed.notes):
+        response.headers.append(name, value)
+    return response
+
+
+api = APIRouter()
+
+
+@api.post(
+    "/v1/images/generations",
+    response_class=Response,
+    tags=["images"],
+    responses={200: {"model": ImagesResponse}, **_ERRORS},
+    openapi_extra=_request_schema(ImageGenerationRequest, "application/json"),
+)
+async def images_generations(server: Server, key: ImageClient, body: Body) -> Response:
+    """Generate images (OpenAI's Images API); the router picks the backend."""
+    return await _generate(server, await _parse_json(body, server, key))
+
+
+@api.post(
+    "/v1/images/edits",
+    response_class=Response,
+    tags=["images"],
+    responses={200: {"model": ImagesResponse}, **_ERRORS},
+    openapi_extra=_request_schema(ImageEditRequest, "multipart/form-data"),
+)
+async def images_edits(server: Server, key: ImageClient, body: Body) -> Response:
+    """Edit an image (multipart, OpenAI's Images API): img2img, or inpainting with a mask."""
+    if body.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+        raise APIError(400, "Send image edits as multipart/form-data.")
+    router, settings = server.router, server.settings
+    async with body.form(max_files=_MAX_FILES, max_fields=_MAX_FIELDS, max_part_size=_MAX_FIELD_BYTES) as form:
+        uploaded = sum(v.size or 0 for _, v in form.multi_items() if isinstance(v, UploadFile))
+        if uploaded <= _INLINE_BYTES:
+            parsed = _edit(form, router, key, settings)
+        else:
+            parsed = await asyncio.to_thread(_edit, form, router, key, settings)
+    return await _generate(server, parsed)
+
+
+@api.post(
+    "/v1/route",
+    response_model=RouteResponse,
+    tags=["routing"],
+    responses=_ERRORS,
+    openapi_extra=_request_schema(ImageGenerationRequest, "application/json"),
+)
+async def route_request(server: Server, key: ClientKey, body: Body) -> dict[str, Any]:
+    """Where a generations body would go, and why (a dry run: nothing is called or charged)."""
+    parsed = await _parse_json(body, server, key)
+    # a thread: a file ledger's headroom may wait on another process's write lock
+    decision = await asyncio.to_thread(
+        server.router.route, parsed.request, policy=parsed.policy, assume_configured=False
+    )  # what this server can serve
+    return {"object": "route", "decision": decision.to_dict(), "explain": decision.explain(), "warnings": parsed.notes}
+
+
+def _model_list(router: AsyncRouter) -> list[ModelCard]:
+    out: dict[str, ModelCard] = {}
+    for provider in router.providers.values():
+        if provider.configuration_problem() is not None:
+            continue
+        for model in provider.models():
+            ident = model if model not in out else f"{provider.name}/{model}"
+            out[ident] = ModelCard(id=ident, owned_by=provider.name)
+    return list(out.values())
+
+
+@api.get("/v1/models", response_model=ModelList, tags=["models"], responses=_ERRORS)
+async def list_models(server: Server, key: ClientKey) -> ModelList:
+    """Every model the configured providers offer."""
+    return ModelList(data=_model_list(server.router))
+
+
+@api.get("/v1/models/{model:path}", response_model=ModelCard, tags=["models"], responses=_ERRORS)
+async def retrieve_model(server: Server, key: ClientKey, model: str) -> ModelCard:
+    """One model (``provider/model`` for a model two providers offer)."""
+    for entry in _model_list(server.router):
+        if entry.id == model:
+            return entry
+    raise APIError(
+        404,
+        f"The model `{model}` does not exist or is not offered here.",
+        code="model_not_found",
+        error="ModelNotFound",
+    )
+
+
+@api.get("/healthz", tags=["operations"])
+async def healthz(server: Server) -> dict[str, Any]:
+    """Each provider: configured, and whether its circuit is open."""
+    router = server.router
+    providers = {
+        p.name: {"configured": p.configuration_problem() is None, "circuit_open": not router.breaker.available(p.name)}
+        for p in router.providers.values()
+    }
+    return {"status": "ok", "providers": providers}
+
+
+@api.get("/metrics", response_class=Response, tags=["operations"])
+async def metrics_endpoint(request: Request, server: Server) -> Response:
+    """Prometheus metrics (a key is needed when the server protects them)."""
+    if server.protect_metrics:
+        _client_key(request, server)
+    return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The app's OpenAPI schema, with the request models the image routes read themselves (their bodies
+    are parsed off the event loop, so FastAPI does not see them as parameters)."""
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, defs = models_json_schema(
+                [(ImageGenerationRequest, "validation"), (ImageEditRequest, "validation")],
+                ref_template="#/components/schemas/{model}",
+            )
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return schema
 
 
 def create_app(
@@ -754,9 +1388,13 @@ def create_app(
     keys: ServerKeys | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_inflight_body_bytes: int | None = None,
+    body_wait_s: float = DEFAULT_BODY_WAIT_S,
     unknown_model: Literal["route", "reject"] = "route",
     allow_image_urls: bool = False,
     client_policies: Collection[str] | None = None,
+    client_options: Collection[str] = DEFAULT_CLIENT_OPTIONS,
+    lora_dirs: Sequence[str | Path] = (),
     protect_metrics: bool = False,
     metrics: ServerMetrics | None = None,
     close_router: bool = False,
@@ -765,11 +1403,15 @@ def create_app(
 
     ``keys``: client keys (None or empty: no authentication, with a warning); their budgets are set in
     ``router.ledger``. ``max_body_bytes`` caps a request body (checked on Content-Length before reading,
-    and while reading), ``max_image_bytes`` each uploaded or inline image. ``unknown_model``: route a
-    ``model`` no provider offers by policy, or refuse it. ``client_policies``: the presets a request may
-    pick with ``policy`` (default: every preset when the router runs a preset, none when it runs a custom
-    policy, so a policy file's rules cannot be side-stepped). ``close_router`` closes the router when the
-    app shuts down.
+    and while reading), ``max_image_bytes`` each uploaded or inline image, ``max_inflight_body_bytes``
+    (default: ``max_body_bytes``) the bodies of all requests in flight together; a request waits up to
+    ``body_wait_s`` for room (then 503). ``unknown_model``: route a ``model`` no provider offers by
+    policy, or refuse it. ``client_policies``: the presets a request may pick with ``policy`` (default:
+    every preset when the router runs a preset, none when it runs a custom policy, so a policy file's
+    rules cannot be side-stepped). ``client_options``: the provider options a key without its own list
+    may set (``"quality"``, ``"<provider>.background"``, ``"<provider>.*"``, ``"*"``; never a safety switch).
+    ``lora_dirs``: the directories whose LoRAs clients may name. ``close_router`` closes the router when
+    the app shuts down.
     """
     keys = keys or ServerKeys()
     if keys:
@@ -782,7 +1424,34 @@ def create_app(
     unknown = set(client_policies) - set(PRESETS)
     if unknown:
         raise ValueError(f"client_policies must be presets; unknown: {sorted(unknown)}")
-    settings = _Settings(max_body_bytes, max_image_bytes, unknown_model, allow_image_urls, frozenset(client_policies))
+    options = option_entries(client_options, where="client_options")
+    safety = sorted(o for o in options if is_safety_option(o.rpartition(".")[2]))
+    if safety:
+        raise ValueError(
+            f"client_options cannot grant safety settings ({', '.join(safety)}): allow them per key, "
+            "in the key file's provider_options"
+        )
+    inflight = max_body_bytes if max_inflight_body_bytes is None else max_inflight_body_bytes
+    if inflight < max_body_bytes:
+        raise ValueError(
+            f"max_inflight_body_bytes ({inflight}) must be at least max_body_bytes ({max_body_bytes}): "
+            "one maximal body must fit"
+        )
+    dirs = []
+    for d in lora_dirs:
+        real = Path(os.path.realpath(Path(d).expanduser()))
+        if not real.is_dir():
+            raise ValueError(f"lora_dirs: {d} is not a directory")
+        dirs.append(real)
+    settings = _Settings(
+        max_body_bytes,
+        max_image_bytes,
+        unknown_model,
+        allow_image_urls,
+        frozenset(client_policies),
+        options,
+        tuple(dirs),
+    )
     metrics = metrics or ServerMetrics()
 
     @contextlib.asynccontextmanager
@@ -791,9 +1460,21 @@ def create_app(
         if close_router:
             await router.aclose()
 
-    app = FastAPI(title="imagerouter", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="imagerouter",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        max_body_size=max_body_bytes,
+        description="An OpenAI-compatible Images API that routes each request to the best backend.",
+    )
     app.state.router = router
     app.state.metrics = metrics
+    app.state.imagerouter = _Server(router, keys, settings, metrics, _BodyBytes(inflight), body_wait_s, protect_metrics)
+    app.include_router(api)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_Observe, metrics=metrics)
 
     async def render_api_error(request: Request, exc: Exception) -> Response:
@@ -807,155 +1488,38 @@ def create_app(
 
     async def render_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        error = APIError(exc.status_code, f"Invalid URL ({request.method} {request.url.path})"
-                         if exc.status_code in (404, 405) else str(exc.detail), error=f"HTTP{exc.status_code}")
+        if exc.status_code == 413:  # FastAPI's max_body_size: the body grew past the cap as it arrived
+            return await render_api_error(request, _too_large("The request body", max_body_bytes))
+        error = APIError(
+            exc.status_code,
+            f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else str(exc.detail),
+            error=f"HTTP{exc.status_code}",
+        )
         return await render_api_error(request, error)
 
     async def render_unexpected(request: Request, exc: Exception) -> Response:
         log.error("imagerouter server: unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
-        return await render_api_error(request, APIError(500, "The server failed while handling the request.",
-                                                        type="server_error", error=type(exc).__name__))
+        return await render_api_error(
+            request,
+            APIError(
+                500, "The server failed while handling the request.", type="server_error", error=type(exc).__name__
+            ),
+        )
 
     app.add_exception_handler(APIError, render_api_error)
     app.add_exception_handler(ImageRouterError, render_router_error)
     app.add_exception_handler(StarletteHTTPException, render_http_error)
     app.add_exception_handler(Exception, render_unexpected)
-
-    def authenticate(request: Request) -> ServerKey | None:
-        if not keys:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'.",
-                           error="MissingAPIKey")
-        entry = keys.verify(token)
-        if entry is None:
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", error="InvalidAPIKey")
-        return entry
-
-    async def read_body(request: Request) -> list[bytes]:
-        """The body as the chunks it arrived in (joining them is left to whoever reads it, off the loop
-        when it is large)."""
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise APIError(400, "Invalid Content-Length header.")
-            if int(length) > settings.max_body_bytes:
-                raise _too_large("The request body", settings.max_body_bytes)
-        chunks: list[bytes] = []
-        total, pause = 0, _YIELD_BYTES
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > settings.max_body_bytes:
-                raise _too_large("The request body", settings.max_body_bytes)
-            if chunk:
-                chunks.append(chunk)
-            if total >= pause:  # a body already buffered arrives without a pause: make one
-                pause += _YIELD_BYTES
-                await asyncio.sleep(0)
-        return chunks
-
-    async def parse_json(request: Request, key: ServerKey | None) -> _Parsed:
-        chunks = await read_body(request)
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media != "application/json":
-            raise APIError(400, "Send the request body as JSON (Content-Type: application/json).")
-        if sum(len(c) for c in chunks) <= _INLINE_BYTES:
-            return _build(_json_object(b"".join(chunks)), router, key, settings)
-        return await asyncio.to_thread(lambda: _build(_json_object(_joined(chunks)), router, key, settings))
-
-    async def generate(parsed: _Parsed) -> Response:
-        result = await router.agenerate(parsed.request, policy=parsed.policy)
-        metrics.observe_generation(result.provider, result.model, len(result.images), result.cost.actual_usd)
-        if sum(len(img.data) for img in result.images) <= _INLINE_BYTES:
-            parts = _answer_parts(result, parsed)
-        else:
-            parts = await asyncio.to_thread(_answer_parts, result, parsed)
-        response = _JSONParts(parts)
-        for name, value in _headers(result, parsed.notes):
-            response.headers.append(name, value)
-        return response
-
-    limiter = RateLimiter()
-
-    def within_rate(key: ServerKey | None) -> None:
-        if key is None or key.rpm is None:
-            return
-        wait = limiter.take(key.name, key.rpm)
-        if wait:
-            raise APIError(429, f"Rate limit reached for key {key.name!r}: {key.rpm} image requests per minute; "
-                                f"retry in {wait:.1f}s.", type="requests", code="rate_limit_exceeded",
-                           error="RateLimited", headers={"retry-after": str(max(1, math.ceil(wait)))})
-
-    @app.post("/v1/images/generations")
-    async def images_generations(request: Request) -> Response:
-        key = authenticate(request)
-        within_rate(key)
-        return await generate(await parse_json(request, key))
-
-    @app.post("/v1/images/edits")
-    async def images_edits(request: Request) -> Response:
-        key = authenticate(request)
-        within_rate(key)
-        chunks = await read_body(request)
-        content_type = request.headers.get("content-type", "")
-        if content_type.split(";")[0].strip().lower() != "multipart/form-data":
-            raise APIError(400, "Send image edits as multipart/form-data.")
-        if sum(len(c) for c in chunks) <= _INLINE_BYTES:
-            return await generate(_edit(content_type, chunks, router, key, settings))
-        return await generate(await asyncio.to_thread(_edit, content_type, chunks, router, key, settings))
-
-    @app.post("/v1/route")
-    async def route(request: Request) -> Response:
-        key = authenticate(request)
-        parsed = await parse_json(request, key)
-        # a thread: a file ledger's headroom may wait on another process's write lock
-        decision = await asyncio.to_thread(router.route, parsed.request, policy=parsed.policy,
-                                             assume_configured=False)  # what this server can serve
-        return JSONResponse({"object": "route", "decision": decision.to_dict(), "explain": decision.explain(),
-                             "warnings": parsed.notes})
-
-    def model_list() -> list[dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for provider in router.providers.values():
-            if provider.configuration_problem() is not None:
-                continue
-            for model in provider.models():
-                ident = model if model not in out else f"{provider.name}/{model}"
-                out[ident] = {"id": ident, "object": "model", "created": 0, "owned_by": provider.name}
-        return list(out.values())
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        authenticate(request)
-        return JSONResponse({"object": "list", "data": model_list()})
-
-    @app.get("/v1/models/{model:path}")
-    async def model(request: Request, model: str) -> Response:
-        authenticate(request)
-        for entry in model_list():
-            if entry["id"] == model:
-                return JSONResponse(entry)
-        raise APIError(404, f"The model `{model}` does not exist or is not offered here.", code="model_not_found",
-                       error="ModelNotFound")
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        providers = {
-            p.name: {"configured": p.configuration_problem() is None,
-                     "circuit_open": not router.breaker.available(p.name)}
-            for p in router.providers.values()
-        }
-        return JSONResponse({"status": "ok", "providers": providers})
-
-    @app.get("/metrics")
-    async def metrics_endpoint(request: Request) -> Response:
-        if protect_metrics:
-            authenticate(request)
-        return Response(metrics.render(), media_type=metrics.content_type)
-
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imagerouter")
+    except PackageNotFoundError:
+        return "0"
 
 
 # --- running it -----------------------------------------------------------------------
@@ -970,6 +1534,27 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _return_large_frees() -> None:
+    """Have glibc serve every block of 128 KiB or more from mmap, so the memory of a large body or image
+    goes back to the system when it is freed.
+
+    glibc's default raises that threshold to the largest block freed so far (up to 32 MiB): after the first
+    large body, later ones come from per-thread arenas that keep their pages, and the server's RSS grows
+    with each worker thread that once held one (measured in benchmarks/server_memory.py). An operator's
+    own ``MALLOC_MMAP_THRESHOLD_`` is left alone; elsewhere than glibc this does nothing."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -980,7 +1565,11 @@ def serve(
     allow_open: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_inflight_body_bytes: int | None = None,
+    body_wait_s: float = DEFAULT_BODY_WAIT_S,
     unknown_model: Literal["route", "reject"] = "route",
+    client_options: Collection[str] = DEFAULT_CLIENT_OPTIONS,
+    lora_dirs: Sequence[str | Path] = (),
     log_level: str = "info",
 ) -> None:
     """Run the server with uvicorn until interrupted (the ``imagerouter serve`` command).
@@ -988,7 +1577,9 @@ def serve(
     Providers come from the environment (:func:`router.config.router_kwargs_from_env`); ``policy`` (a
     preset or a policy file) and ``ledger`` (a path or ``":memory:"``) override ``IMAGEROUTER_POLICY`` and
     ``IMAGEROUTER_LEDGER``. ``keys_file`` (default: ``IMAGEROUTER_SERVER_KEYS``) is a key file
-    (:mod:`router.keys`). Without keys, only a loopback ``host`` is served unless ``allow_open=True``.
+    (:mod:`router.keys`), refused when group or others may write it. Without keys, only a loopback
+    ``host`` is served unless ``allow_open=True``. The other arguments are :func:`create_app`'s. On glibc,
+    large freed blocks go back to the system at once (:func:`_return_large_frees`).
     """
     import uvicorn
 
@@ -997,16 +1588,29 @@ def serve(
     keys_path = keys_file or os.environ.get("IMAGEROUTER_SERVER_KEYS") or None
     keys = ServerKeys.from_file(keys_path) if keys_path else ServerKeys()
     if not keys and not _is_loopback(host) and not allow_open:
-        raise ValueError(f"refusing to serve on {host} without client keys: give keys_file "
-                         "(python -m router.keys NAME --file keys.toml), or allow_open=True")
+        raise ValueError(
+            f"refusing to serve on {host} without client keys: give keys_file "
+            "(python -m router.keys NAME --file keys.toml), or allow_open=True"
+        )
     overrides: dict[str, Any] = {}
     if policy is not None:
         overrides["policy"] = policy
     if ledger is not None:
         overrides["ledger"] = ledger
     router = AsyncRouter.from_env(**overrides)
-    app = create_app(router, keys=keys, max_body_bytes=max_body_bytes, max_image_bytes=max_image_bytes,
-                     unknown_model=unknown_model, close_router=True)
+    _return_large_frees()
+    app = create_app(
+        router,
+        keys=keys,
+        max_body_bytes=max_body_bytes,
+        max_image_bytes=max_image_bytes,
+        max_inflight_body_bytes=max_inflight_body_bytes,
+        body_wait_s=body_wait_s,
+        unknown_model=unknown_model,
+        client_options=client_options,
+        lora_dirs=lora_dirs,
+        close_router=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
@@ -1040,8 +1644,9 @@ class ServerThread:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="on")
         self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="imagerouter-server",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="imagerouter-server", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not server.started:
@@ -1066,5 +1671,15 @@ class ServerThread:
         self.stop()
 
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_IMAGE_BYTES", "APIError", "ServerThread", "api_error",
-           "create_app", "serve"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "APIError",
+    "ImageEditRequest",
+    "ImageGenerationRequest",
+    "ImagesResponse",
+    "ServerThread",
+    "api_error",
+    "create_app",
+    "serve",
+]

@@ -500,3 +500,19 @@ def test_a_provider_class_that_refuses_subclasses_is_routed_without_the_memo() -
     cands = router.candidates(ImageRequest(prompt="x", width=512, height=512))
     assert [c.estimate.cost_usd for c in cands] == [Decimal("0.00262144")]
     assert sealed.calls == {"plan": 2, "capabilities": 3, "estimate": 1}  # planned again inside estimate()
+
+
+def test_a_lora_file_on_this_machine_is_never_routed_to_a_hosted_backend() -> None:
+    from providers.local.provider import LocalProvider
+    from providers.replicate import ReplicateProvider
+    from router import Router
+
+    local = LocalProvider({"xl": {"path": "/nowhere", "family": "sdxl"}}, device="cpu")
+    router = Router([ReplicateProvider(api_token="r8-test"), local], ledger=":memory:")
+    by_file = router.route("a cat", loras=[{"ref": "/srv/loras/style.safetensors", "weight": 0.7}])
+    assert {c.provider for c in by_file.chain} == {"local"}
+    reasons = [r.reason for r in by_file.rejections if r.provider == "replicate" and r.code == "capability"]
+    assert any("is a file on this machine" in r for r in reasons)
+    by_url = router.route("a cat", loras=[{"ref": "https://example.invalid/style.safetensors", "weight": 0.7}])
+    assert "replicate" in {c.provider for c in by_url.chain}  # a URL the vendor fetches may go to the vendor
+    router.close()

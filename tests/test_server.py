@@ -28,7 +28,11 @@ from router.errors import (
     BudgetExceeded,
     ContentPolicyError,
     DeadlineExceeded,
+    MalformedResponse,
     NoRouteError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
     RequestValidationError,
 )
 from router.keys import ServerKeys, hash_key
@@ -66,20 +70,28 @@ class Served:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = httpx.get(f"{self.server.origin}/metrics").text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
 
 @contextlib.contextmanager
 def _serve(sandboxes: list[OpenAISandbox], *, with_keys: bool = True, **app_kw: Any) -> Iterator[Served]:
-    providers = [RecordingOpenAI(name="openai" if i == 0 else f"openai-{i}", api_key=sb.api_key,
-                                 base_url=sb.base_url) for i, sb in enumerate(sandboxes)]
+    providers = [
+        RecordingOpenAI(name="openai" if i == 0 else f"openai-{i}", api_key=sb.api_key, base_url=sb.base_url)
+        for i, sb in enumerate(sandboxes)
+    ]
     router = AsyncRouter(providers, ledger=":memory:", max_retries=0)
     keys = ServerKeys()
     issued = {}
     if with_keys:
-        issued = {"alice": keys.add("alice"), "broke": keys.add("broke", budget_usd="0.001", period="day"),
-                  "slow": keys.add("slow", rpm=2)}
+        issued = {
+            "alice": keys.add("alice"),
+            "broke": keys.add("broke", budget_usd="0.001", period="day"),
+            "slow": keys.add("slow", rpm=2),
+        }
     app = create_app(router, keys=keys, close_router=True, **app_kw)
     with ServerThread(app) as server:
         yield Served(server, router, providers, issued)
@@ -130,8 +142,10 @@ def test_openai_client_generates_images_served_by_the_sandbox(served: Served, sa
 def test_openai_client_edits_with_a_mask(served: Served, sandbox: OpenAISandbox) -> None:
     green = png(1024, 1024, (10, 200, 10))
     raw = served.client().images.with_raw_response.edit(
-        image=("in.png", green, "image/png"), mask=("mask.png", _alpha_mask(1024, 1024), "image/png"),
-        prompt="paint a red door")
+        image=("in.png", green, "image/png"),
+        mask=("mask.png", _alpha_mask(1024, 1024), "image/png"),
+        prompt="paint a red door",
+    )
     edited = raw.parse()
     assert edited.data is not None and len(edited.data) == 1
     out = _png_of(edited.data[0].b64_json).convert("RGB")
@@ -149,9 +163,16 @@ def test_openai_client_edits_with_a_mask(served: Served, sandbox: OpenAISandbox)
 
 def test_extra_body_fields_reach_the_router_request(served: Served) -> None:
     raw = served.client().images.with_raw_response.generate(
-        prompt="a red bicycle", size="1024x1024",
-        extra_body={"seed": 7, "negative_prompt": "blurry", "tags": ["team-a"], "max_cost_usd": "0.5",
-                    "quality": "low"})
+        prompt="a red bicycle",
+        size="1024x1024",
+        extra_body={
+            "seed": 7,
+            "negative_prompt": "blurry",
+            "tags": ["team-a"],
+            "max_cost_usd": "0.5",
+            "quality": "low",
+        },
+    )
     request = served.providers[0].seen[-1]
     assert request.seed == 7 and request.negative_prompt == "blurry"
     assert request.tags == {"team-a", "key:alice"}
@@ -164,8 +185,9 @@ def test_extra_body_fields_reach_the_router_request(served: Served) -> None:
 
 
 def test_multipart_edit_carries_json_encoded_router_fields(served: Served) -> None:
-    served.client().images.edit(image=("in.png", png(1024, 1024), "image/png"), prompt="x", n=2,
-                                extra_body={"seed": "11", "tags": '["team-b"]'})
+    served.client().images.edit(
+        image=("in.png", png(1024, 1024), "image/png"), prompt="x", n=2, extra_body={"seed": "11", "tags": '["team-b"]'}
+    )
     request = served.providers[0].seen[-1]
     assert request.seed == 11 and request.n == 2 and request.tags == {"team-b", "key:alice"}
     assert request.task == "img2img"
@@ -211,8 +233,12 @@ def test_a_wrong_key_is_a_401_authentication_error(served: Served, sandbox: Open
     with pytest.raises(openai.AuthenticationError) as info:
         served.client("sk-ir-not-a-key-0123456789").images.generate(prompt="a cat")
     assert info.value.status_code == 401
-    assert info.value.body == {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                               "param": None, "code": "invalid_api_key"}
+    assert info.value.body == {
+        "message": "Incorrect API key provided.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
     assert "not-a-key" not in info.value.response.text
     missing = httpx.post(f"{served.base_url}/images/generations", json={"prompt": "a cat"})
     assert missing.status_code == 401 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
@@ -272,8 +298,9 @@ def test_every_provider_failing_is_a_502(served: Served, sandbox: OpenAISandbox)
 
 
 def test_a_provider_refusing_the_servers_credentials_is_not_the_clients_401(sandbox: OpenAISandbox) -> None:
-    router = AsyncRouter([OpenAIProvider(api_key="sk-wrong-upstream-key-123", base_url=sandbox.base_url)],
-                         ledger=":memory:")
+    router = AsyncRouter(
+        [OpenAIProvider(api_key="sk-wrong-upstream-key-123", base_url=sandbox.base_url)], ledger=":memory:"
+    )
     with ServerThread(create_app(router, close_router=True)) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="anything", max_retries=0)
         with pytest.raises(openai.InternalServerError) as info:
@@ -282,15 +309,22 @@ def test_a_provider_refusing_the_servers_credentials_is_not_the_clients_401(sand
     assert "sk-wrong-upstream-key-123" not in info.value.response.text
 
 
-@pytest.mark.parametrize(("error", "status", "code"), [
-    (RequestValidationError([("width", "must be a multiple of 8")]), 400, "invalid_value"),
-    (BudgetExceeded("budget day:* ($1.00) would be exceeded"), 429, "budget_exceeded"),
-    (NoRouteError("no provider can serve this control request"), 503, "no_route"),
-    (AllProvidersFailed("every provider failed"), 502, "all_providers_failed"),
-    (DeadlineExceeded("the request's deadline passed"), 504, "deadline_exceeded"),
-    (AuthenticationError("HTTP 401: the API key was refused", provider="openai"), 502, "upstream_authentication"),
-    (ContentPolicyError("rejected by the safety system"), 400, "content_policy_violation"),
-])
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (RequestValidationError([("width", "must be a multiple of 8")]), 400, "invalid_value"),
+        (BudgetExceeded("budget day:* ($1.00) would be exceeded"), 429, "budget_exceeded"),
+        (NoRouteError("no provider can serve this control request"), 400, "no_route"),
+        (AllProvidersFailed("every provider failed"), 502, "all_providers_failed"),
+        (DeadlineExceeded("the request's deadline passed"), 504, "deadline_exceeded"),
+        (AuthenticationError("HTTP 401: the API key was refused", provider="openai"), 502, "upstream_authentication"),
+        (ContentPolicyError("rejected by the safety system"), 400, "content_policy_violation"),
+        (RateLimited("HTTP 429"), 429, "rate_limit_exceeded"),
+        (ProviderUnavailable("HTTP 503"), 502, "upstream_error"),
+        (ProviderTimeout("no answer in 30s"), 502, "upstream_error"),
+        (MalformedResponse("not an image"), 502, "upstream_error"),
+    ],
+)
 def test_router_errors_map_to_openai_statuses(error: Exception, status: int, code: str) -> None:
     answer = api_error(error)  # type: ignore[arg-type]
     assert (answer.status, answer.code) == (status, code)
@@ -306,7 +340,7 @@ def test_bodies_over_the_limit_are_a_413_before_reading_them(sandbox: OpenAISand
         headers = {"authorization": f"Bearer {s.keys['alice']}"}
         url = f"{s.base_url}/images/generations"
         big = httpx.post(url, json={"prompt": "x" * 10_000}, headers=headers)
-        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        assert big.status_code == 413 and big.text == "Content Too Large"  # FastAPI's max_body_size answers
 
         def chunks() -> Iterator[bytes]:  # no Content-Length: counted while reading
             yield b'{"prompt": "'
@@ -315,11 +349,10 @@ def test_bodies_over_the_limit_are_a_413_before_reading_them(sandbox: OpenAISand
             yield b'"}'
 
         chunked = httpx.post(url, content=chunks(), headers={**headers, "content-type": "application/json"})
-        assert chunked.status_code == 413
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
 
         with pytest.raises(openai.APIStatusError) as info:
-            s.client().images.edit(image=("in.png", png(512, 512, (1, 2, 3)) + b"\0" * 3000, "image/png"),
-                                   prompt="x")
+            s.client().images.edit(image=("in.png", png(512, 512, (1, 2, 3)) + b"\0" * 3000, "image/png"), prompt="x")
         assert info.value.status_code == 413 and info.value.param == "image"
         assert sandbox.hits() == 0 and s.providers[0].seen == []
         small = s.client().images.generate(prompt="a cat")
@@ -351,8 +384,10 @@ def test_malformed_multipart_edits_are_a_400_naming_the_problem(served: Served, 
     assert status == 400 and "maximum size" in error["message"]
     status, error = post(content=b"--b\r\nno headers here", headers={"content-type": "multipart/form-data"})
     assert status == 400 and "boundary" in error["message"]
-    status, error = post(content=b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
-                         headers={"content-type": "multipart/form-data; boundary=b"})
+    status, error = post(
+        content=b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
     assert status == 400 and '"name" must be provided' in error["message"]
     assert sandbox.hits() == 0 and served.providers[0].seen == []
 
@@ -361,8 +396,11 @@ def test_malformed_multipart_edits_are_a_400_naming_the_problem(served: Served, 
 
 
 def test_route_is_a_dry_run_that_explains_the_decision(served: Served, sandbox: OpenAISandbox) -> None:
-    answer = httpx.post(f"{served.base_url}/route", json={"prompt": "three red apples", "size": "1024x1024"},
-                        headers={"authorization": f"Bearer {served.keys['alice']}"})
+    answer = httpx.post(
+        f"{served.base_url}/route",
+        json={"prompt": "three red apples", "size": "1024x1024"},
+        headers={"authorization": f"Bearer {served.keys['alice']}"},
+    )
     assert answer.status_code == 200
     body = answer.json()
     assert body["decision"]["chain"][0]["provider"] == "openai" and body["decision"]["task"] == "txt2img"
@@ -380,9 +418,11 @@ def test_metrics_count_requests_errors_cost_and_images(served: Served) -> None:
     client = served.client()
     raw = client.images.with_raw_response.generate(prompt="a cat", n=2)
     cost = float(raw.headers["x-imagerouter-cost-usd"])
-    for call in (lambda: served.client("sk-ir-wrong-0123456789abcdef").images.generate(prompt="a cat"),
-                 lambda: served.client(served.keys["broke"]).images.generate(prompt="a cat"),
-                 lambda: client.images.generate(prompt="a cat", size="big")):
+    for call in (
+        lambda: served.client("sk-ir-wrong-0123456789abcdef").images.generate(prompt="a cat"),
+        lambda: served.client(served.keys["broke"]).images.generate(prompt="a cat"),
+        lambda: client.images.generate(prompt="a cat", size="big"),
+    ):
         with pytest.raises(openai.APIStatusError):
             call()
     after = served.metrics()
@@ -445,9 +485,14 @@ def test_a_key_file_with_a_plain_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_server_example_runs_offline(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "server_client.py"), str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "IMAGEROUTER_LEDGER": ":memory:", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "server_client.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "IMAGEROUTER_LEDGER": ":memory:", "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "models: gpt-image-2 (openai)" in out
@@ -468,7 +513,9 @@ def test_the_key_file_is_authoritative_for_key_budgets_in_a_ledger_file(tmp_path
         keys.add("kept", budget_usd=2, period="day")
         keys.apply_budgets(ledger)
         assert {(b.tag, b.period, b.limit_usd) for b in ledger.budgets()} == {
-            ("key:kept", "day", Decimal(2)), ("team-a", "month", Decimal(9))}
+            ("key:kept", "day", Decimal(2)),
+            ("team-a", "month", Decimal(9)),
+        }
 
 
 async def test_concurrent_requests_are_each_served_and_counted(served: Served, sandbox: OpenAISandbox) -> None:
@@ -476,14 +523,19 @@ async def test_concurrent_requests_are_each_served_and_counted(served: Served, s
 
     client = openai.AsyncOpenAI(base_url=served.base_url, api_key=served.keys["alice"], max_retries=0)
     async with client:
-        results = await asyncio.gather(*(client.images.with_raw_response.generate(prompt=f"cat {i}")
-                                         for i in range(16)))
+        results = await asyncio.gather(
+            *(client.images.with_raw_response.generate(prompt=f"cat {i}") for i in range(16))
+        )
     ids = {r.headers["x-imagerouter-request-id"] for r in results}
     assert len(ids) == 16 and sandbox.hits("/v1/images/generations") == 16
     total = sum(Decimal(r.headers["x-imagerouter-cost-usd"]) for r in results)
     assert served.router.ledger.spent(["key:alice"], period="day") == total
-    counted = served.metrics()[("imagerouter_http_requests_total", (
-        ("endpoint", "/v1/images/generations"), ("method", "POST"), ("status", "200")))]
+    counted = served.metrics()[
+        (
+            "imagerouter_http_requests_total",
+            (("endpoint", "/v1/images/generations"), ("method", "POST"), ("status", "200")),
+        )
+    ]
     assert counted == 16
 
 

@@ -260,14 +260,15 @@ async def test_one_log_record_per_failed_attempt_and_per_request(
     assert all(PROMPT not in r.getMessage() and PROMPT not in json.dumps(r.__dict__, default=str) for r in records)
 
 
-async def test_a_failed_request_logs_a_warning(sandbox: OpenAISandbox, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_request_is_logged_once_at_info(sandbox: OpenAISandbox, caplog: pytest.LogCaptureFixture) -> None:
     wrong = OpenAIProvider(api_key="sk-wrong-key-0123456789", base_url=sandbox.base_url)
     caplog.set_level(logging.INFO, logger="imagerouter")
     async with make_router(wrong, record_prompts=True) as router:
         with pytest.raises(AuthenticationError):
             await router.agenerate(PROMPT)
     last = caplog.records[-1]
-    assert last.levelname == "WARNING" and last.outcome == "error"  # type: ignore[attr-defined]
+    assert last.levelname == "INFO" and last.outcome == "error"  # type: ignore[attr-defined]
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []  # no echo of the raised error
     assert last.error == "AuthenticationError" and last.prompt == PROMPT  # type: ignore[attr-defined]
     assert "sk-wrong-key-0123456789" not in caplog.text
 
