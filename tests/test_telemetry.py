@@ -260,7 +260,7 @@ async def test_one_log_record_per_failed_attempt_and_per_request(
     assert all(PROMPT not in r.getMessage() and PROMPT not in json.dumps(r.__dict__, default=str) for r in records)
 
 
-async def test_a_failed_request_is_logged_once_at_info(sandbox: OpenAISandbox, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failed_request_is_logged_once(sandbox: OpenAISandbox, caplog: pytest.LogCaptureFixture) -> None:
     wrong = OpenAIProvider(api_key="sk-wrong-key-0123456789", base_url=sandbox.base_url)
     caplog.set_level(logging.INFO, logger="imagerouter")
     async with make_router(wrong, record_prompts=True) as router:
