@@ -152,6 +152,8 @@ class RoutingDecision:
     """Builds ``beyond`` when first read (deciding does not build what no one may read)."""
     configured: Callable[[], list[RankedCandidate]] | None = field(default=None, repr=False, compare=False)
     """In a dry run with unconfigured providers ranked: builds ``configured_chain`` when first read."""
+    ladder_note: str | None = None
+    """Under a ladder policy, why the chain's head is below Call (the requirement that forced the step down)."""
     _built: dict[str, list[RankedCandidate]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -200,6 +202,8 @@ class RoutingDecision:
                        for i, c in enumerate(self.beyond, len(self.chain) + 1)],
             "rejections": [r.to_dict() for r in self.rejections],
         }
+        if self.ladder_note is not None:
+            out["ladder_note"] = self.ladder_note
         if self.dry_run:
             out["not_configured"] = self.not_configured
             out["configured_chain"] = [f"{c.provider}/{c.model}" for c in self.configured_chain]
@@ -229,6 +233,8 @@ class RoutingDecision:
             f"attributes {f.attributes}, relations {f.relations}, text {f.text_to_render}, "
             f"style {f.style}, words {f.words}",
         ]
+        if self.ladder_note:
+            lines.append(self.ladder_note)
         if self.rules_applied:
             lines.append("rules applied:")
             lines += [f"  - {r}" for r in self.rules_applied]
@@ -261,6 +267,7 @@ _ORDERS = {
     "score": "ordered by score",
     "cost": "ordered by total estimated cost (cheapest first), then quality",
     "latency": "ordered by expected latency (fastest first), then cost",
+    "ladder": "ordered by rung (Call, then Canvas, then Code), then score",
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from policies.complexity import PromptComplexity, score_prompt
 from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
+from policies.ladder import code_first, rung_of, step_down_note
 from policies.policy import Policy, Rule, Weights
 from policies.skills import describe_fit
 from policies.skills import fit as skill_fit
@@ -75,6 +76,8 @@ class RoutingContext:
     budget_headroom_usd: Decimal | None = None
     unavailable: tuple[Rejection, ...] = ()
     assume_configured: bool = False
+    requests_last_day: int | None = None
+    """Requests the ledger recorded in the last 24 hours (read only for a ladder policy with a GPU rate)."""
 
 
 _NO_CONTEXT = RoutingContext()
@@ -182,7 +185,8 @@ class PolicyEngine:
         accepted, rejected = self._screen(request, task, candidates, eff, context)
         pol = self.policy
         scoring = _Scoring(eff, complexity, self.fit, accepted or [c for c, _ in rejected], pol.max_chain)
-        order = self._order(accepted, scoring) if accepted else []
+        volume = self._volume(accepted, context) if pol.order == "ladder" else None
+        order = self._order(accepted, scoring, code_first=volume is not None) if accepted else []
         configured = None
         if context.assume_configured and any(c.configuration_problem for c in accepted):
             configured = partial(self._configured_chain, [c for c in accepted if not c.configuration_problem],
@@ -205,7 +209,20 @@ class PolicyEngine:
             dry_run=context.assume_configured,
             rest=partial(scoring.rest, order) if len(order) > pol.max_chain else None,
             configured=configured,
+            ladder_note=step_down_note(order[0].kind, ((c.kind, f"{c.provider}/{c.model}", code, reason)
+                                                       for c, (code, reason) in rejected), volume=volume)
+            if pol.order == "ladder" and order else None,
         )
+
+    def _volume(self, accepted: list[CandidateInfo], context: RoutingContext) -> str | None:
+        """Why Code comes first by volume under a ladder policy, or None."""
+        rate = self.policy.ladder_gpu_usd_per_day
+        calls = [c.cost for c in accepted if rung_of(c.kind) == "call"]
+        cheapest = min(calls) if calls else None
+        if not code_first(context.requests_last_day, cheapest, rate):
+            return None
+        return (f"{context.requests_last_day:,} requests in the last day at ${cheapest:.4f} (the cheapest hosted "
+                f"candidate) cost more than the GPU's ${rate:,.2f} a day")
 
     def _configured_chain(self, accepted: list[CandidateInfo], eff: _Effective,
                           complexity: PromptComplexity) -> list[RankedCandidate]:
@@ -307,7 +324,8 @@ class PolicyEngine:
 
     # --- ranking ---------------------------------------------------------------------
 
-    def _order(self, accepted: list[CandidateInfo], scoring: _Scoring) -> list[CandidateInfo]:
+    def _order(self, accepted: list[CandidateInfo], scoring: _Scoring, *, code_first: bool = False
+               ) -> list[CandidateInfo]:
         """Every accepted candidate in rank order."""
         explicit = self._explicit
         tail = len(explicit)
@@ -324,6 +342,11 @@ class PolicyEngine:
         elif mode == "latency":
             keys = [(first(c) if explicit else 0, -scoring.preference(c) if tiers else 0, c.latency_s, c.cost,
                      -c.quality, c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
+        elif mode == "ladder":
+            scores = scoring.scores(accepted)
+            rank = {"code": -1, "call": 0, "canvas": 1} if code_first else {"call": 0, "canvas": 1, "code": 2}
+            keys = [(first(c) if explicit else 0, -scoring.preference(c) if tiers else 0, rank[rung_of(c.kind)],
+                     -scores[i], c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]
         elif explicit:
             scores = scoring.scores(accepted)
             keys = [(first(c), -scores[i], c.position, c.provider, c.model, i) for i, c in enumerate(accepted)]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from router.errors import PolicyFileError
 from router.request import QualityFloor, Task
 
 
@@ -89,7 +90,7 @@ class BudgetRule(_Strict):
     tag: str | None = None
 
 
-Order = Literal["score", "cost", "latency"]
+Order = Literal["score", "cost", "latency", "ladder"]
 
 
 class Hedge(_Strict):
@@ -126,7 +127,8 @@ class Policy(_Strict):
     order: Order = "score"
     """How the accepted candidates are ordered (after ``fallback_order`` and ``prefer``/``avoid``):
     ``score`` by the weighted terms, ``cost`` by total estimated cost ascending (then quality),
-    ``latency`` by expected latency ascending (then cost)."""
+    ``latency`` by expected latency ascending (then cost); ``ladder`` by rung — Call (hosted APIs), then Canvas
+    (ComfyUI), then Code (local) — then score (see :mod:`policies.ladder`)."""
     max_chain: int = Field(4, ge=1)
     """How many of the ranked candidates the router tries; the decision lists the rest as not tried."""
     max_retries: int = Field(2, ge=0, le=10)
@@ -134,6 +136,9 @@ class Policy(_Strict):
     budgets: tuple[BudgetRule, ...] = ()
     prices: dict[str, dict[str, Any]] = Field(default_factory=dict)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)  # "<kind>/<model>": {"skills": {...}}
+    ladder_gpu_usd_per_day: float | None = Field(None, gt=0)
+    """Under ``order: ladder``: what a day of the owned GPU costs; when the last day's requests, priced at
+    the cheapest hosted candidate, cost more, Code (the local backend) comes first. None: never by volume."""
     hedge: Hedge | None = None
     """Opt-in hedged requests against tail latency (see :class:`Hedge`); None: one candidate at a time."""
 
@@ -145,12 +150,10 @@ PRESETS: dict[str, Policy] = {
     "balanced": Policy(name="balanced"),
     "quality": Policy(name="quality", weights=Weights(cost=0.05, latency=0.05, fit=0.5, quality=1.0)),
     "local-first": Policy(name="local-first", prefer=("local",)),
+    # Call, then Canvas, then Code: the highest rung that still gives the control a request needs
+    "ladder": Policy(name="ladder", order="ladder"),
     "private": Policy(name="private", residency=frozenset({"local"})),
 }
-
-
-class PolicyFileError(ValueError):
-    """A policy file that cannot be read; the message names the file and the field."""
 
 
 def load_policy(path: str | Path) -> Policy:

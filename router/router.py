@@ -21,6 +21,7 @@ import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -117,6 +118,7 @@ class AsyncRouter:
         self._views: dict[int, tuple[Provider, Provider]] = {}  # id(provider) → (provider, its planning view)
         self._tracing = Tracing(tracer_provider, record_prompts=record_prompts)
         self._spent = Decimal(0)  # billed on requests so far: what hedges may add a fraction of
+        self._volume: tuple[float, int] = (-1e9, 0)  # (when read, requests in the last day): the ladder's volume
         self._hedge_extra = Decimal(0)  # what hedges added (the losers' charges)
         self._hedge_held = Decimal(0)  # the worst case of hedges in flight
 
@@ -194,6 +196,8 @@ class AsyncRouter:
         req = ImageRequest.from_kwargs(request, **kw)
         pol = resolve_policy(policy) if policy is not None else self.policy
         self._apply_budgets(pol)
+        if self._volume_due(pol):
+            self._read_volume()
         return self._decide(req, pol, self.ledger.headroom(req.tags), self.candidates(req, pol),
                             assume_configured=assume_configured)
 
@@ -246,8 +250,21 @@ class AsyncRouter:
             Rejection(p.name, "-", "not-configured", p.configuration_problem() or "offers no model")
             for p in self.providers.values() if not p.models()
         )
-        context = RoutingContext(headroom, empty, assume_configured)
+        volume = self._volume[1] if policy.order == "ladder" and policy.ladder_gpu_usd_per_day else None
+        context = RoutingContext(headroom, empty, assume_configured, volume)
         return self._engine(policy).decide(request, candidates, context)
+
+    def _volume_due(self, policy: Policy) -> bool:
+        """Whether a ladder policy with a GPU rate needs the last day's volume read again (once a minute)."""
+        return (policy.order == "ladder" and policy.ladder_gpu_usd_per_day is not None
+                and time.monotonic() - self._volume[0] > 60)
+
+    def _read_volume(self) -> None:
+        """The requests the ledger settled in the last 24 hours, for the ladder's volume rule (a ledger read:
+        from async code, run it on the ledger's thread)."""
+        since = datetime.now(UTC) - timedelta(days=1)
+        rows = self.ledger.report(since=since, group_by=())
+        self._volume = (time.monotonic(), sum(r.requests for r in rows))
 
     # --- generation ------------------------------------------------------------------
 
@@ -266,6 +283,8 @@ class AsyncRouter:
         pol = resolve_policy(policy) if policy is not None else self.policy
         if pol is not self.policy:
             await self._ledger.run(self._apply_budgets, pol)
+        if self._volume_due(pol):
+            await self._ledger.run(self._read_volume)
         request_id = f"ir_{secrets.token_hex(10)}"
         if req.idempotency_key is None:
             req = req.model_copy(update={"idempotency_key": request_id})

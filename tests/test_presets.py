@@ -78,7 +78,7 @@ def test_each_preset_orders_the_fleet(preset: str, score: float, expected: list[
 def test_presets_say_which_are_orders() -> None:
     assert {name: p.order for name, p in PRESETS.items()} == {
         "cheapest": "cost", "fastest": "latency", "balanced": "score", "quality": "score",
-        "local-first": "score", "private": "score"}
+        "local-first": "score", "ladder": "ladder", "private": "score"}
 
 
 # --- exact orders ----------------------------------------------------------------------------------------
