@@ -136,6 +136,33 @@ class BudgetExceeded(ImageRouterError):
         super().__init__(message, **kw)
 
 
+# --- the configuration is at fault -------------------------------------------------
+
+
+class ConfigurationError(ImageRouterError, ValueError):
+    """A file or setting the SDK was given is wrong (a policy file, a model catalog, a key file, an
+    environment variable); the message names it and what to change. Nothing was sent. Also a ``ValueError``."""
+
+    disposition = Disposition.FATAL
+
+
+class PolicyFileError(ConfigurationError):
+    """A policy that cannot be used: an unknown preset name, or a policy file that cannot be read or
+    validated; the message names the file and the field. Importable from :mod:`policies.policy` too."""
+
+
+class CatalogError(ConfigurationError, InvalidRequestError):
+    """A local model catalog (``IMAGEROUTER_MODELS``) that cannot be read or holds a wrong entry; the message
+    names the file or the model and the key. Also an :class:`InvalidRequestError`, as it was before."""
+
+    disposition = Disposition.FATAL
+
+
+class KeyFileError(ConfigurationError):
+    """A server key file that will not be used (unreadable, malformed, writable by others) or a key entry
+    that cannot be added (a duplicate name). Importable from :mod:`router.keys` too."""
+
+
 # --- the provider is at fault: retry, or try the next candidate -------------------
 
 
@@ -228,14 +255,18 @@ __all__ = [
     "AllProvidersFailed",
     "AuthenticationError",
     "BudgetExceeded",
+    "CatalogError",
+    "ConfigurationError",
     "ContentPolicyError",
     "DeadlineExceeded",
     "Disposition",
     "ImageRouterError",
     "InsufficientCredits",
     "InvalidRequestError",
+    "KeyFileError",
     "MalformedResponse",
     "NoRouteError",
+    "PolicyFileError",
     "ProviderTimeout",
     "ProviderUnavailable",
     "RateLimited",
