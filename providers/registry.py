@@ -20,6 +20,7 @@ BUILTIN: dict[str, str] = {
     "together": "providers.together:TogetherProvider",
     "bfl": "providers.bfl:BFLProvider",
     "local": "providers.local.provider:LocalProvider",
+    "comfyui": "providers.comfyui:ComfyUIProvider",
 }
 
 

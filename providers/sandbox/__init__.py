@@ -19,6 +19,7 @@ from providers.sandbox._server import (
     hostile_image,
 )
 from providers.sandbox.bfl import BFLSandbox
+from providers.sandbox.comfyui import ComfyUISandbox
 from providers.sandbox.openai import OpenAISandbox
 from providers.sandbox.replicate import ReplicateSandbox
 from providers.sandbox.stability import StabilitySandbox
@@ -27,6 +28,7 @@ from providers.sandbox.together import TogetherSandbox
 __all__ = [
     "HOSTILE_IMAGE_FAULTS",
     "BFLSandbox",
+    "ComfyUISandbox",
     "Fault",
     "FaultPlan",
     "OpenAISandbox",
