@@ -10,7 +10,7 @@ Labelled sets:
   text or symbols to render), "Quantity" by the count flag (``has_count``: an explicit count),
   "Properties & Positioning" is reported for the spatial flag, and "Basic" prompts should raise neither the
   text nor the count flag.
-- GenEval (``../shared/data/geneval/evaluation_metadata.jsonl``, beside the repository, never copied into it):
+- GenEval (``tests/data/geneval/evaluation_metadata.jsonl``, vendored; MIT, see SOURCES.md there):
   tags in the order SDXL's accuracy falls on them in the GenEval paper (single_object < colors < two_object
   < counting < color_attr < position), and per-tag feature checks against its object lists.
 
@@ -41,7 +41,7 @@ from policies.complexity import ComplexityFeatures, PromptComplexity, score_prom
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTI = ROOT / "tests" / "data" / "prompts" / "PartiPrompts.tsv"
-GENEVAL = ROOT.parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL = ROOT / "tests" / "data" / "geneval" / "evaluation_metadata.jsonl"
 HALVES = ("tune", "held-out")
 
 PARTI_LEVELS = {"Basic": 0, "Simple Detail": 1, "Fine-grained Detail": 2, "Complex": 3}

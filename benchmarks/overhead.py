@@ -331,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         _serve(args.serve, args.size)
         return 0
+    import importlib.util
+
+    if importlib.util.find_spec("openai") is None:
+        parser.error("the openai SDK is not installed: pip install -e '.[openai]' (or '.[bench]', which adds LiteLLM)")
+    if not args.skip_litellm and importlib.util.find_spec("litellm") is None:
+        parser.error("LiteLLM is not installed: pip install -e '.[bench]' (the bench extra), or pass --skip-litellm")
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(run(args))
 

@@ -77,7 +77,7 @@ from router.result import GeneratedImage
 from router.router import AsyncRouter
 
 ROOT = Path(__file__).resolve().parents[1]
-GENEVAL = ROOT.parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
+GENEVAL = ROOT / "tests" / "data" / "geneval" / "evaluation_metadata.jsonl"  # vendored (MIT)
 LOOPBACK = "http://127.0.0.1:9"
 """Every fake provider's base URL (the discard port): nothing calls it, and nothing could leave the machine."""
 
@@ -803,7 +803,7 @@ def render(rep: Report, command: str) -> str:
         "## Set-up",
         "",
         f"- **Requests**: {a['requests']:,} drawn with seed {a['seed']} from the 553 GenEval prompts "
-        "(`../shared/data/geneval`), mixed: " + ", ".join(f"{k} {v:,}" for k, v in sorted(rep.mix.items())) + ". "
+        "(`tests/data/geneval`), mixed: " + ", ".join(f"{k} {v:,}" for k, v in sorted(rep.mix.items())) + ". "
         '20 % get text to render appended (a quarter of those two strings, e.g. `… with a sign that says "OPEN" '
         'and a banner reading "SALE"`); 16 % a residency (eu, us, local, eu+local); 12 % a `max_cost_usd` '
         "($0.005–0.08); 8 % a budget headroom ($0.005–0.10); 25 % an aspect ratio; 5 % n=2. Control kinds: canny, "

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/server_memory.py [--body-mib 64] [--clients 10] [--scenarios route,generations,edits]
                                                  [--out FILE]
 
-Each row starts ``imagerouter serve`` (the real command: uvicorn, in its own process) on 127.0.0.1, with the
+Each row starts ``pixroute serve`` (the real command: uvicorn, in its own process) on 127.0.0.1, with the
 ``openai`` provider pointed at the offline :class:`~providers.sandbox.OpenAISandbox` running in this process
 (so the sandbox's memory is not counted), warms it up with one small request per endpoint, reads its idle
 RSS, then sends ``--clients`` maximal bodies at once from as many threads and reads the server's peak RSS
@@ -98,7 +98,7 @@ def status_kib(pid: int, field: str) -> int:
 
 @contextlib.contextmanager
 def server(sandbox: OpenAISandbox, cap: int, inflight: int | None) -> Iterator[tuple[str, int]]:
-    """``imagerouter serve`` in a child process; yields its origin and pid."""
+    """``pixroute serve`` in a child process; yields its origin and pid."""
     import socket
 
     with socket.socket() as probe:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", nargs="?", type=Path, help="where to write the images (default: a temp dir)")
     parser.add_argument("--count", type=int, default=24)
     args = parser.parse_args(argv)
-    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="imagerouter-fanout-"))
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="pixroute-fanout-"))
     return asyncio.run(fan_out(out_dir, args.count))
 
 

@@ -62,7 +62,7 @@ async def run(out_dir: Path) -> int:
 
 
 def main() -> int:
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="imagerouter-fallback-"))
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="pixroute-fallback-"))
     return asyncio.run(run(out_dir))
 
 

@@ -3,7 +3,7 @@
     python examples/server_client.py [OUT_DIR]
 
 The router behind the server talks to the loopback OpenAI sandbox, so no key and no network
-are needed. In production you would run ``imagerouter serve --keys keys.toml`` (or
+are needed. In production you would run ``pixroute serve --keys keys.toml`` (or
 :func:`router.server.serve`) with real provider keys, and point any OpenAI client at it.
 """
 
@@ -40,7 +40,7 @@ def main(out_dir: Path) -> int:
         key = keys.add("example-app", budget_usd="1.00", period="day")  # only its hash is kept
         app = create_app(router, keys=keys, close_router=True)
         with ServerThread(app) as server:
-            print(f"imagerouter server on {server.base_url}")
+            print(f"pixroute server on {server.base_url}")
             client = openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0)
             print("models:", ", ".join(f"{m.id} ({m.owned_by})" for m in client.models.list()))
 
@@ -80,5 +80,5 @@ def main(out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="imagerouter-server-"))
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="pixroute-server-"))
     sys.exit(main(target))

@@ -276,8 +276,9 @@ class PolicyEngine:
         max_latency = cons.max_latency_s
         headroom = context.budget_headroom_usd
         assume_configured = context.assume_configured
+        # what only _capability_gap checks
         rare = bool(request.controls or request.loras or request.size_mode == "exact" or cons.strict
-                    or task == "control")  # what only _capability_gap checks
+                    or task == "control" or request.embeddings or request.ip_adapter is not None)
         accepted: list[CandidateInfo] = []
         rejected: list[tuple[CandidateInfo, tuple[str, str]]] = []
         why: tuple[str, str] | None
@@ -377,6 +378,10 @@ def _capability_gap(request: ImageRequest, task: str, cand: CandidateInfo) -> tu
         return "capability", "takes no LoRA" if not caps.max_loras else f"takes at most {caps.max_loras} LoRAs"
     if request.n > caps.max_n:
         return "capability", f"makes at most {caps.max_n} images per request, {request.n} asked"
+    if request.embeddings and not caps.embeddings:
+        return "capability", "takes no textual-inversion embeddings"
+    if request.ip_adapter is not None and not caps.ip_adapter:
+        return "capability", "takes no IP-Adapter"
     if "local" not in caps.regions and (files := [lora.ref for lora in request.loras if lora.is_file]):
         return "capability", f"LoRA {files[0]!r} is a file on this machine; only a backend running here loads it"
     if request.size_mode == "exact" and not cand.plan.size.exact:

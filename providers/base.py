@@ -29,6 +29,8 @@ class Capabilities:
     control_kinds: frozenset[str] = frozenset()
     max_controls: int = 0
     max_loras: int = 0
+    embeddings: bool = False  # textual-inversion embeddings
+    ip_adapter: bool = False
     max_n: int = 1
     negative_prompt: bool = False
     seed: bool = False
@@ -53,6 +55,8 @@ class Capabilities:
             "tasks": sorted(self.tasks),
             "control_kinds": sorted(self.control_kinds),
             "max_loras": self.max_loras,
+            "embeddings": self.embeddings,
+            "ip_adapter": self.ip_adapter,
             "max_n": self.max_n,
             "mask": self.mask,
             "negative_prompt": self.negative_prompt,

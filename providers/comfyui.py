@@ -40,7 +40,7 @@ billed the time it used. Errors: ``node_errors`` → InvalidRequestError (the ne
 ``execution_error`` → :class:`ExecutionFailed` (falls back), an out-of-memory one → ProviderUnavailable;
 server down → ProviderUnavailable; deadline → interrupt + ProviderTimeout.
 
-The websocket client is ``websockets`` (``pip install 'imagerouter[comfyui]'``), imported on first use.
+The websocket client is ``websockets`` (``pip install 'pixroute[comfyui]'``), imported on first use.
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ class ComfyUIProvider(Provider):
         if not self.url:
             return f"not configured: set {ENV_URL} to a ComfyUI server (e.g. http://127.0.0.1:8188)"
         if not _has_websockets():
-            return "websockets is not installed: pip install 'imagerouter[comfyui]'"
+            return "websockets is not installed: pip install 'pixroute[comfyui]'"
         self._refresh_soon()
         state = self._state
         if state.info is None and state.error is not None:

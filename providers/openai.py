@@ -409,7 +409,7 @@ def sdk_missing(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except ImportError:
-        return f"the {module} SDK is not installed: pip install 'imagerouter[{module}]'"
+        return f"the {module} SDK is not installed: pip install 'pixroute[{module}]'"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Find provider classes by name: the built-in ones and the ``imagerouter.providers`` entry points.
+"""Find provider classes by name: the built-in ones and the ``pixroute.providers`` entry points.
 
 Nothing is imported until a provider is asked for, so ``import router`` stays light.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 from providers.base import Provider
 
-ENTRY_POINT_GROUP = "imagerouter.providers"
+ENTRY_POINT_GROUP = "pixroute.providers"
 
 BUILTIN: dict[str, str] = {
     "openai": "providers.openai:OpenAIProvider",

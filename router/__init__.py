@@ -1,4 +1,4 @@
-"""imagerouter: one image-generation request, routed to the best backend for it.
+"""pixroute: one image-generation request, routed to the best backend for it.
 
     from router import generate
     result = generate("a lighthouse at dusk, oil painting", width=1024, height=1024)

@@ -1,4 +1,13 @@
-"""The ``imagerouter`` command: a thin shell over the public API; every command has ``--json``."""
+"""The ``pixroute`` command: a thin shell over the public API; every command has ``--json``.
+
+An error is one line on stderr, ``error: <class>: <what to change>``, and the exit code of its kind
+(:data:`EXIT_CODES`): 0 ok, 1 other, 2 usage (a flag or argument the command does not take), 3 invalid
+request or configuration (a policy file, a model catalog, a key file, an unknown provider or model name),
+4 auth, 5 budget, 6 no route, 7 all providers failed, 8 content policy, 9 deadline, 130 interrupted.
+``--verbose`` adds the explanation (every rejection or attempt; a traceback for a bug); ``--json`` prints one
+JSON object on stdout instead (``{"error": class, "message": ..., "detail": ..., "exit_code": N}``) and
+nothing on stderr. A closed pipe (``pixroute route ... | head``) ends the command quietly, with 0.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +15,33 @@ import argparse
 import json
 import os
 import sys
+import traceback
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from router.errors import (
     AllProvidersFailed,
     AuthenticationError,
     BudgetExceeded,
+    ConfigurationError,
     ContentPolicyError,
     DeadlineExceeded,
     ImageRouterError,
     InvalidRequestError,
     NoRouteError,
+    RequestValidationError,
 )
+
+PROG = "pixroute"
+USAGE_EXIT = 2
+INTERRUPTED_EXIT = 130
 
 EXIT_CODES: tuple[tuple[type[ImageRouterError], int], ...] = (
     (InvalidRequestError, 3),
+    (ConfigurationError, 3),
     (AuthenticationError, 4),
     (BudgetExceeded, 5),
     (NoRouteError, 6),
@@ -62,7 +80,6 @@ def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residency", help="allowed regions, comma-separated (e.g. eu,local)")
     p.add_argument("--quality-floor", choices=("low", "medium", "high"))
     p.add_argument("--tag", action="append", dest="tags", default=[])
-    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _request_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
@@ -83,17 +100,29 @@ def _request_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
 def _control(spec: str) -> dict[str, Any]:
     """``canny=edges.png,scale=0.8,start=0,end=1,preprocess=false`` → a ``controls`` entry."""
+    def bad(why: str) -> RequestValidationError:
+        return RequestValidationError([("--control", f"{spec!r}: {why}")])
+
     first, *rest = spec.split(",")
     kind, sep, image = first.partition("=")
     if not sep or not image:
-        raise InvalidRequestError(f"--control {spec!r}: start with KIND=IMAGE, e.g. canny=photo.png")
+        raise bad("start with KIND=IMAGE, e.g. canny=photo.png")
     out: dict[str, Any] = {"kind": kind.strip(), "image": image.strip()}
     for item in rest:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if not sep or key not in ("scale", "start", "end", "preprocess"):
-            raise InvalidRequestError(f"--control {spec!r}: {item!r} is not scale=, start=, end= or preprocess=")
-        out[key] = value.strip().lower() in ("1", "true", "yes") if key == "preprocess" else float(value)
+            raise bad(f"{item!r} is not scale=, start=, end= or preprocess=")
+        if key == "preprocess":
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise bad(f"preprocess takes true or false, not {value!r}")
+            out[key] = value.lower() in ("1", "true", "yes")
+            continue
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise bad(f"{key} takes a number, e.g. {key}={'0.8' if key == 'scale' else '0.5'}; "
+                      f"got {value!r}") from None
     return out
 
 
@@ -130,28 +159,63 @@ class _ProgressBar:
             self.stream.flush()
 
 
+class UsageError(Exception):
+    """A command line the parser does not take (exit 2)."""
+
+    kind = "UsageError"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as :class:`UsageError` (one line, not usage and a message)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _group_by(value: str) -> list[str]:
+    from router.ledger import GROUP_KEYS
+
+    group = [g.strip() for g in value.split(",") if g.strip()]
+    unknown = [g for g in group if g not in GROUP_KEYS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUP_KEYS)}")
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagerouter", description="Route image generation to the best backend.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images")
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON (errors too: one JSON object on stdout)")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="on an error, also print its explanation (every rejection or attempt)")
+    sandboxed = _Parser(add_help=False)
+    sandboxed.add_argument("--sandbox", action="store_true",
+                           help="use the loopback sandboxes of every hosted API, started in this process, with "
+                                "fake keys: nothing reaches a vendor (also IMAGEROUTER_SANDBOX=1)")
+    parser = _Parser(prog=PROG, description="Route image generation to the best backend.",
+                     epilog="Exit codes: 0 ok, 1 other, 2 usage, 3 invalid request or configuration, 4 auth, "
+                            "5 budget, 6 no route, 7 all providers failed, 8 content policy, 9 deadline.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate images", parents=[common, sandboxed])
     _request_args(gen)
     gen.add_argument("--out", default="out", help="directory for the images (default: ./out)")
     gen.add_argument("--no-metadata", action="store_true", help="save without provenance metadata")
     gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="a progress bar for local generations (default: when stderr is a terminal)")
     route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys: providers "
-                                         "without one are ranked as if configured, and marked)")
+                                         "without one are ranked as if configured, and marked)",
+                           parents=[common, sandboxed])
     _request_args(route)
     route.add_argument("--explain", action="store_true", help="print the ranking and every rejection")
     route.add_argument("--configured-only", action="store_true",
                        help="rank only the providers configured now (the decision generate would make)")
-    prov = sub.add_parser("providers", help="list providers: configured or not, capabilities, regions")
-    prov.add_argument("--json", action="store_true")
-    led = sub.add_parser("ledger", help="spend by provider, tag or period, and budgets")
-    led.add_argument("--by", default="provider", help="comma-separated: provider, model, tag, day, month")
+    sub.add_parser("providers", help="list providers: configured or not (and why), capabilities, regions",
+                   parents=[common, sandboxed])
+    led = sub.add_parser("ledger", help="spend by provider, tag or period, and budgets", parents=[common])
+    led.add_argument("--by", default=["provider"], type=_group_by,
+                     help="comma-separated: provider, model, tag, day, month")
     led.add_argument("--since", type=datetime.fromisoformat, help="ISO date, e.g. 2026-11-01")
-    led.add_argument("--json", action="store_true")
-    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the router (needs [server])")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the router (needs [server])",
+                         parents=[common, sandboxed])
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--policy", help="a preset or a .yaml/.toml policy file")
@@ -173,47 +237,198 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--unknown-model", choices=("route", "reject"), default="route",
                      help="a model name no provider offers: route by policy (default) or answer 404")
     srv.add_argument("--log-level", default="info")
-    keys = sub.add_parser("keys", help="make a client key for the server (printed once; stored hashed)",
-                          add_help=False)
-    keys.add_argument("args", nargs=argparse.REMAINDER)
-    demo = sub.add_parser("demo", help="a few routed requests against the offline sandboxes (no keys needed)")
+    from router.keys import add_arguments as key_arguments
+
+    key_arguments(sub.add_parser("keys", help="make a client key for the server (printed once; stored hashed)",
+                                 description="Make a client key for `pixroute serve --keys FILE`: the key is "
+                                             "printed once on stdout and stored as its SHA-256 digest.",
+                                 parents=[common]))
+    demo = sub.add_parser("demo", help="a few routed requests against the offline sandboxes (no keys needed)",
+                          parents=[common])
     demo.add_argument("--out", default=None, help="directory for the images (default: a new temp directory)")
     demo.add_argument("--no-local", dest="local", action="store_false", default=None,
                       help="skip the local backend even when its extra is installed")
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--sandbox", action="store_true",
+                      help="the demo always runs on the loopback sandboxes; accepted like on the other commands")
+    from router.evaluate import add_arguments as eval_arguments
+
+    ev = sub.add_parser("eval", parents=[common],
+                        help="run a prompt file through each policy and report cost, latency, CLIP score and share "
+                             "served (sandboxes by default; CLIP needs [quality] and a local model)")
+    eval_arguments(ev, json_flag=False)
+    sand = sub.add_parser(
+        "sandbox", parents=[common],
+        help="run every hosted API's loopback sandbox and print the environment lines that use them",
+        description="Start the loopback sandboxes of every hosted API in this process (fake keys: nothing "
+                    "reaches a vendor) and print the environment lines that point the providers at them; they run "
+                    "until Ctrl-C. With `-- COMMAND ...`, run that one command with those lines set instead, and "
+                    "exit with its code.",
+        epilog="e.g. pixroute sandbox --fault stability=server_error:503 -- pixroute generate 'a lighthouse'")
+    sand.add_argument("--fault", action="append", dest="faults", default=[], metavar="PROVIDER=KIND[:ARG][,times=N]",
+                      help="make a sandbox fail (every request, or the next N): rate_limit[:RETRY_AFTER_S], "
+                           "server_error[:STATUS], timeout[:SECONDS], disconnect, moderation, malformed, "
+                           "insufficient_credits, invalid_request, auth, or the sandbox's own kinds (repeatable)")
+    sand.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                      help="a command to run with the sandboxes' environment")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    ours = args[: args.index("--")] if "--" in args else args
+    as_json, verbose = "--json" in ours, bool({"-v", "--verbose"} & set(ours))
     try:
-        commands = {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger,
-                    "serve": _serve, "keys": _keys, "demo": _demo}
-        return commands[ns.command](ns)
-    except ImageRouterError as exc:
-        code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
-        if getattr(ns, "json", False):
-            print(json.dumps({"error": exc.kind, "message": str(exc)}))
-        else:
-            print(f"error: {exc.kind}: {exc}", file=sys.stderr)
-            decision = getattr(exc, "decision", None)
-            if decision is not None:
-                print(decision.explain(), file=sys.stderr)
+        try:
+            ns, extra = build_parser().parse_known_args(args)
+            if extra:
+                where = f"{PROG} {ns.command}"
+                raise UsageError(f"{where}: unrecognized arguments: {' '.join(extra)} (see {where} --help)")
+            as_json, verbose = bool(getattr(ns, "json", False)), bool(getattr(ns, "verbose", False))
+            code = COMMANDS[ns.command](ns)
+        except (ImageRouterError, UsageError) as exc:
+            code = _report(exc, as_json=as_json, verbose=verbose)
+        except KeyboardInterrupt:
+            code = INTERRUPTED_EXIT
+        except BrokenPipeError:
+            raise
+        except Exception as exc:  # a bug, or the system's refusal (a file we cannot write): still one line
+            code = _report(exc, as_json=as_json, verbose=verbose)
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:  # `pixroute ... | head`: the reader has all it wants
+        _silence_stdout()
+        return 0
 
 
-def _router() -> Any:
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not complain about the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code of an error."""
+    if isinstance(exc, UsageError):
+        return USAGE_EXIT
+    if isinstance(exc, ImageRouterError):
+        return next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
+    return 1
+
+
+def _report(exc: BaseException, *, as_json: bool, verbose: bool) -> int:
+    """Tell the person (one line on stderr) or the program (one JSON object on stdout) what went wrong."""
+    code = exit_code(exc)
+    kind = exc.kind if isinstance(exc, (ImageRouterError, UsageError)) else type(exc).__name__
+    line = _headline(exc)
+    detail = _explanation(exc, verbose=verbose)
+    if as_json:
+        doc: dict[str, Any] = {"error": kind, "message": line, "exit_code": code}
+        if isinstance(exc, ImageRouterError):
+            doc |= {"detail": str(exc) if _one_line(str(exc)) != line else None, "request_id": exc.request_id}
+        if verbose and detail:
+            doc["explanation"] = detail
+        print(json.dumps(doc))
+    else:
+        print(f"error: {kind}: {line}", file=sys.stderr)
+        if verbose and detail:
+            print(detail, file=sys.stderr)
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _headline(exc: BaseException) -> str:
+    """What went wrong and what to change, in one line (the whole story is in ``--verbose``)."""
+    if isinstance(exc, ImageRouterError):
+        decision = getattr(exc, "decision", None)
+        rejections = list(getattr(decision, "rejections", None) or [])
+        charged = f" (charged ${exc.cost_usd})" if exc.cost_usd else ""
+        if isinstance(exc, NoRouteError) and rejections and all(r.code == "not-configured" for r in rejections):
+            return ("no provider is configured: set a key (e.g. OPENAI_API_KEY) or IMAGEROUTER_MODELS, or add "
+                    "--sandbox to use the loopback sandboxes; `pixroute providers` says what each one needs")
+        if isinstance(exc, (NoRouteError, BudgetExceeded)) and rejections:
+            head = exc.message.split(" (", 1)[0]
+            counts = Counter(r.code for r in rejections)
+            example = next((r for r in rejections if r.code != "not-configured"), rejections[0])
+            return _one_line(f"{head}: {len(rejections)} candidate(s) rejected "
+                             f"({', '.join(f'{code} {n}' for code, n in counts.most_common())}), e.g. "
+                             f"{example.provider}/{example.model}: {example.reason}; --verbose lists each")
+        failed = [a for a in exc.attempts if a.outcome != "success"]
+        if isinstance(exc, (AllProvidersFailed, DeadlineExceeded)) and failed:
+            head = "every provider failed" if isinstance(exc, AllProvidersFailed) else "the request's deadline passed"
+            last = failed[-1]
+            return _one_line(f"{head} after {len(failed)} attempt(s){charged}; the last: {last.provider}/"
+                             f"{last.model}: {last.error} ({last.message}); --verbose lists each")
+        return _one_line(str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _one_line(f"{exc.strerror}{where}")
+    text = _one_line(str(exc)) or "(no message)"
+    return text if isinstance(exc, UsageError) else f"{text} (a bug? --verbose shows where)"
+
+
+def _explanation(exc: BaseException, *, verbose: bool) -> str:
+    """The rest of the story: the whole message, the decision, the attempts; a traceback for a bug."""
+    if not verbose:
+        return ""
+    if not isinstance(exc, (ImageRouterError, UsageError)):
+        return "".join(traceback.format_exception(exc)).rstrip()
+    parts: list[str] = []
+    if isinstance(exc, ImageRouterError):
+        if _one_line(str(exc)) != _headline(exc):
+            parts.append(str(exc))
+        for i, a in enumerate(exc.attempts, 1):
+            how = "ok" if a.outcome == "success" else f"{a.error}: {a.message}"
+            parts.append(f"attempt {i}: {a.provider}/{a.model} retry {a.retry} -> {how}")
+        decision = getattr(exc, "decision", None)
+        if decision is not None and hasattr(decision, "explain"):
+            parts.append(decision.explain())
+    return "\n".join(parts)
+
+
+def _router(ns: argparse.Namespace) -> Any:
+    from router.config import router_kwargs_from_env
     from router.router import Router
 
-    return Router.from_env()
+    kw = router_kwargs_from_env(sandbox=True if getattr(ns, "sandbox", False) else None)
+    return Router(**kw)
+
+
+def _check_names(router: Any, kw: dict[str, Any]) -> None:
+    """An unknown provider or model name is called unknown, with the names there are (before any routing)."""
+    providers = router.providers
+    pinned = kw.get("provider")
+    if pinned is not None and pinned not in providers:
+        raise RequestValidationError([("provider", f"unknown provider {pinned!r}; the providers are "
+                                                   f"{', '.join(sorted(providers))}")])
+    model = kw.get("model")
+    if model is None:
+        return
+    scope = [providers[pinned]] if pinned is not None else list(providers.values())
+    if any(p.supports_model(model) for p in scope):
+        return
+    names = sorted({m for p in scope for m in p.models()})
+    idle = [f"{p.name} offers none ({p.configuration_problem()})" for p in scope
+            if not p.models() and p.configuration_problem()]
+    where = f" on {pinned}" if pinned is not None else ""
+    known = f"the models{where} are {', '.join(names)}" if names else f"no model is offered{where}"
+    raise RequestValidationError([("model", "; ".join([f"unknown model {model!r}{where}", known, *idle]))])
 
 
 def _generate(ns: argparse.Namespace) -> int:
     show = ns.progress if ns.progress is not None else (sys.stderr.isatty() and not ns.json)
     bar = _ProgressBar() if show else None
     try:
-        with _router() as router:
-            result = router.generate(ns.prompt, policy=ns.policy, on_progress=bar, **_request_kwargs(ns))
+        with _router(ns) as router:
+            kw = _request_kwargs(ns)
+            _check_names(router, kw)
+            result = router.generate(ns.prompt, policy=ns.policy, on_progress=bar, **kw)
     finally:
         if bar is not None:
             bar.close()
@@ -225,15 +440,19 @@ def _generate(ns: argparse.Namespace) -> int:
           f"cost ${result.cost.actual_usd} (estimated ${result.cost.estimated_usd})")
     for w in result.warnings:
         print(f"  warning: {w}")
+    for a in result.attempts:
+        if a.outcome != "success":
+            print(f"  failed attempt: {a.provider}/{a.model}: {a.error} ({a.message})")
     for p in paths:
         print(f"  wrote {p}")
     return 0
 
 
 def _route(ns: argparse.Namespace) -> int:
-    with _router() as router:
-        decision = router.route(ns.prompt, policy=ns.policy, assume_configured=not ns.configured_only,
-                                **_request_kwargs(ns))
+    with _router(ns) as router:
+        kw = _request_kwargs(ns)
+        _check_names(router, kw)
+        decision = router.route(ns.prompt, policy=ns.policy, assume_configured=not ns.configured_only, **kw)
     if ns.json:
         print(decision.to_json())
     elif ns.explain:
@@ -249,7 +468,7 @@ def _route(ns: argparse.Namespace) -> int:
 
 
 def _providers(ns: argparse.Namespace) -> int:
-    with _router() as router:
+    with _router(ns) as router:
         rows = []
         for provider in router.providers.values():
             problem = provider.configuration_problem()
@@ -273,14 +492,15 @@ def _providers(ns: argparse.Namespace) -> int:
 
 
 def _ledger(ns: argparse.Namespace) -> int:
-    from router.ledger import Ledger
+    from router.ledger import open_ledger
 
-    ledger = Ledger(os.environ.get("IMAGEROUTER_LEDGER") or None)
-    group = [g.strip() for g in ns.by.split(",") if g.strip()]
+    ledger = open_ledger(os.environ.get("IMAGEROUTER_LEDGER") or None)
     since = ns.since.replace(tzinfo=UTC) if ns.since and ns.since.tzinfo is None else ns.since
-    rows = ledger.report(since=since, group_by=group)
-    budgets = [(b, ledger.headroom([b.tag] if b.tag else [])) for b in ledger.budgets()]
-    ledger.close()
+    try:
+        rows = ledger.report(since=since, group_by=ns.by)
+        budgets = [(b, ledger.headroom([b.tag] if b.tag else [])) for b in ledger.budgets()]
+    finally:
+        ledger.close()
     if ns.json:
         print(json.dumps({
             "spend": [{"key": r.key, "requests": r.requests, "usd": str(r.usd)} for r in rows],
@@ -301,9 +521,8 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         from router.server import serve
     except ImportError as exc:
-        print(f"error: the server needs its extra: pip install 'imagerouter[server]' ({exc.name} missing)",
-              file=sys.stderr)
-        return 1
+        raise ConfigurationError(f"the server needs its extra: pip install 'pixroute[server]' "
+                                 f"({exc.name} is missing)") from None
     limits: dict[str, Any] = {k: v for k, v in (("max_body_bytes", ns.max_body_bytes),
                                                 ("max_image_bytes", ns.max_image_bytes),
                                                 ("max_inflight_body_bytes", ns.max_inflight_body_bytes),
@@ -311,20 +530,20 @@ def _serve(ns: argparse.Namespace) -> int:
                               if v is not None}
     if ns.client_options is not None:
         limits["client_options"] = [o.strip() for o in ns.client_options.split(",") if o.strip()]
-    try:
-        serve(ns.host, ns.port, policy=ns.policy, ledger=ns.ledger, keys_file=ns.keys_file,
-              allow_open=ns.allow_open, unknown_model=ns.unknown_model, lora_dirs=ns.lora_dirs,
-              log_level=ns.log_level, **limits)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if ns.sandbox:
+        from router.sandboxes import SANDBOX_ENV
+
+        os.environ[SANDBOX_ENV] = "1"  # serve() builds its router from the environment
+    serve(ns.host, ns.port, policy=ns.policy, ledger=ns.ledger, keys_file=ns.keys_file,
+          allow_open=ns.allow_open, unknown_model=ns.unknown_model, lora_dirs=ns.lora_dirs,
+          log_level=ns.log_level, **limits)
     return 0
 
 
 def _keys(ns: argparse.Namespace) -> int:
-    from router.keys import main as keys_main
+    from router.keys import run
 
-    return keys_main(ns.args)
+    return run(ns, as_json=ns.json)
 
 
 def _demo(ns: argparse.Namespace) -> int:
@@ -333,8 +552,55 @@ def _demo(ns: argparse.Namespace) -> int:
 
     from router.demo import run_demo
 
-    out = Path(ns.out) if ns.out else Path(tempfile.mkdtemp(prefix="imagerouter-demo-"))
+    out = Path(ns.out) if ns.out else Path(tempfile.mkdtemp(prefix="pixroute-demo-"))
     return run_demo(out, as_json=ns.json, local=ns.local)
+
+
+def _sandbox(ns: argparse.Namespace) -> int:
+    import shlex
+    import signal
+    import subprocess
+    import threading
+
+    from router.sandboxes import Sandboxes, parse_fault
+
+    faults = [parse_fault(spec) for spec in ns.faults]
+    command = ns.run[1:] if ns.run[:1] == ["--"] else ns.run
+    with Sandboxes(faults=faults) as fleet:
+        env = fleet.env()
+        if command:
+            try:
+                return subprocess.run(command, env=os.environ | env, check=False).returncode
+            except OSError as exc:
+                raise ConfigurationError(f"cannot run {command[0]!r}: {exc.strerror or type(exc).__name__}") from None
+        if ns.json:
+            print(json.dumps({"env": env, "faults": ns.faults, "pid": os.getpid()}))
+        else:
+            print(f"# {len(fleet.hosts)} sandboxes on 127.0.0.1 ({', '.join(fleet.hosts)}), fake keys: nothing "
+                  f"reaches a vendor. In another shell, paste these lines; Ctrl-C here stops the sandboxes.",
+                  file=sys.stderr)
+            for name, value in env.items():
+                print(f"export {name}={shlex.quote(value)}")
+        sys.stdout.flush()
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _eval(ns: argparse.Namespace) -> int:
+    from router.evaluate import run_args
+
+    return run_args(ns)
+
+
+COMMANDS = {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger, "serve": _serve,
+            "keys": _keys, "demo": _demo, "sandbox": _sandbox, "eval": _eval}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -27,12 +27,13 @@ from typing import Any, TextIO
 from policies.decision import RoutingDecision
 from policies.policy import Policy
 from providers.base import Provider
-from providers.sandbox import BFLSandbox, Fault, OpenAISandbox, SandboxServer, StabilitySandbox, TogetherSandbox
+from providers.sandbox import Fault
 from router.errors import ImageRouterError
 from router.ledger import Budget
 from router.request import ImageRequest
 from router.result import GenerationResult
 from router.router import Router
+from router.sandboxes import Sandboxes
 
 __all__ = ["DemoRun", "local_available", "run_demo"]
 
@@ -121,57 +122,27 @@ def run_demo(out_dir: Path, *, as_json: bool = False, local: bool | None = None,
 # --- the sandboxes -----------------------------------------------------------------------------
 
 
-class _Fleet:
-    """Every hosted sandbox the demo uses, started on loopback for the duration of a ``with``."""
+class _Fleet(Sandboxes):
+    """The hosted sandboxes the demo uses (:class:`~router.sandboxes.Sandboxes`), with an EU host of their own
+    for OpenAI and BFL so each run can show which hosts served it."""
 
     def __init__(self) -> None:
-        self.hosts: dict[str, SandboxServer] = {
-            "openai": OpenAISandbox(api_key="sk-demo-openai"),
-            "openai-eu": OpenAISandbox(api_key="sk-demo-openai"),
-            "stability": StabilitySandbox(api_key="sk-demo-stability"),
-            "bfl": BFLSandbox(api_key="bfl-demo-key"),
-            "bfl-eu": BFLSandbox(api_key="bfl-demo-key"),
-            "together": TogetherSandbox(api_key="tg-demo-key"),
-        }
-        self._stack = ExitStack()
-
-    def __enter__(self) -> _Fleet:
-        for sandbox in self.hosts.values():
-            self._stack.enter_context(sandbox)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        super().__init__(("stability", "bfl", "openai", "together"), region_hosts={"openai": ("eu",), "bfl": ("eu",)})
 
     def providers(self) -> list[Provider]:
-        from providers.bfl import BFLProvider
-        from providers.openai import OpenAIProvider
-        from providers.stability import StabilityProvider
-        from providers.together import TogetherProvider
-        from router.fetch import SafeFetcher
-
-        h: dict[str, Any] = self.hosts
-        fetcher = SafeFetcher(allow_loopback=True)  # the sandboxes serve their downloads on 127.0.0.1
+        # one model each where a vendor offers several, so the tour's decisions read simply
         return [
-            StabilityProvider(api_key=h["stability"].api_key, base_url=h["stability"].base_url,
-                              models=("stable-image-core",), fetcher=fetcher, poll_interval_s=0.01),
-            BFLProvider(api_key=h["bfl"].api_key, base_url=h["bfl"].base_url,
-                        region_base_urls={"eu": h["bfl-eu"].base_url}, models=("flux-pro-1.1",),
-                        fetcher=fetcher, poll_interval_s=0.01),
-            OpenAIProvider(api_key=h["openai"].api_key, base_url=h["openai"].base_url,
-                           region_base_urls={"eu": h["openai-eu"].base_url}),
-            TogetherProvider(api_key=h["together"].api_key, base_url=h["together"].base_url,
-                             models=("black-forest-labs/FLUX.1-schnell",), fetcher=fetcher),
+            self.provider("stability", models=("stable-image-core",)),
+            self.provider("bfl", models=("flux-pro-1.1",)),
+            self.provider("openai"),
+            self.provider("together", models=("black-forest-labs/FLUX.1-schnell",)),
         ]
-
-    def hits(self) -> dict[str, int]:
-        return {name: sandbox.hits() for name, sandbox in self.hosts.items()}
 
 
 # --- the runs ----------------------------------------------------------------------------------
 
 
-def _hosted_runs(router: Router, fleet: _Fleet, out_dir: Path) -> Iterator[DemoRun]:
+def _hosted_runs(router: Router, fleet: Sandboxes, out_dir: Path) -> Iterator[DemoRun]:
     ordered = Policy(name="stability-first", fallback_order=("stability", "together", "openai"))
     cases: list[tuple[str, str, Policy | str, ImageRequest]] = [
         ("cheap", "a simple prompt under the cheapest policy", "cheapest",
@@ -310,4 +281,4 @@ def _local_env() -> Iterator[None]:
 if __name__ == "__main__":
     import tempfile
 
-    sys.exit(run_demo(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="imagerouter-demo-"))))
+    sys.exit(run_demo(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="pixroute-demo-"))))

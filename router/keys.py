@@ -2,7 +2,7 @@
 
 A key file (TOML, or YAML with the same fields) lists one entry per client::
 
-    # keys.toml — make an entry with: python -m router.keys NAME [--budget 5 --period day]
+    # keys.toml — make an entry with: pixroute keys NAME --file keys.toml [--budget 5 --period day]
     [[keys]]
     name = "team-a"                          # becomes the ledger tag "key:team-a"
     sha256 = "3b4c…"                         # hex SHA-256 of the key; the key itself is never stored
@@ -14,7 +14,7 @@ A key file (TOML, or YAML with the same fields) lists one entry per client::
 
 ``provider_options`` lists the provider options this key's requests may set: ``"quality"`` (for any
 provider), ``"<provider>.background"`` (for one), ``"<provider>.*"`` or ``"*"`` (every option of one provider,
-or of all). Left out, the server's default list applies (``imagerouter serve --client-options``; by
+or of all). Left out, the server's default list applies (``pixroute serve --client-options``; by
 default ``*``). The safety switches (:data:`SAFETY_OPTIONS`: ``safety_checker``,
 ``disable_safety_checker``, ``safety_tolerance``, ``moderation``) are never matched by ``*`` nor by the
 server's default: a key may set one only when its own list names it.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -45,7 +46,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from router.ledger import PERIODS, Budget, Ledger, Period
+from router.errors import KeyFileError
+from router.ledger import PERIODS, Budget, LedgerBackend, Period
 
 KEY_PREFIX = "sk-ir-"
 TAG_PREFIX = "key:"
@@ -56,10 +58,6 @@ _FIELDS = frozenset({"name", "sha256", "budget_usd", "period", "tags", "rpm", "p
 
 SAFETY_OPTIONS = frozenset({"safety_checker", "disable_safety_checker", "safety_tolerance", "moderation"})
 """Provider options that switch a safety system off or down: only a key's own allow-list can grant them."""
-
-
-class KeyFileError(ValueError):
-    """A key file the server will not use: unreadable, malformed, or writable by others."""
 
 
 def is_safety_option(option: str) -> bool:
@@ -164,9 +162,9 @@ class ServerKeys:
 
     def _append(self, entry: ServerKey) -> None:
         if any(e.name == entry.name for e in self._entries):
-            raise ValueError(f"duplicate key name {entry.name!r}")
+            raise KeyFileError(f"duplicate key name {entry.name!r}: each key needs a name of its own")
         if any(hmac.compare_digest(e.sha256, entry.sha256) for e in self._entries):
-            raise ValueError(f"key {entry.name!r} has the same key as another entry")
+            raise KeyFileError(f"key {entry.name!r} has the same key as another entry")
         self._entries.append(entry)
 
     def add(
@@ -198,7 +196,7 @@ class ServerKeys:
                 found = entry
         return found
 
-    def apply_budgets(self, ledger: Ledger) -> None:
+    def apply_budgets(self, ledger: LedgerBackend) -> None:
         """Make ``ledger``'s key budgets (those on ``key:<name>`` tags) exactly the ones these keys set.
 
         A budget left in a ledger file by a key since removed or changed in the key file is dropped.
@@ -344,14 +342,10 @@ def _toml_str(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m router.keys NAME [--budget USD --period day] [--file keys.toml]``: make a key.
-
-    Prints the new key once (hand it to the client) and the entry to add to the key file,
-    or appends the entry to ``--file``.
-    """
-    parser = argparse.ArgumentParser(prog="python -m router.keys", description="make a client key for the server")
-    parser.add_argument("name")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``keys`` command's arguments (``pixroute keys`` and ``python -m router.keys`` share them)."""
+    parser.add_argument("name", help="the client's name: 1-64 letters, digits, '.', '_' or '-' (its ledger tag "
+                                     "is key:NAME)")
     parser.add_argument("--budget", type=Decimal, help="budget in USD on this key's spend")
     parser.add_argument("--period", choices=PERIODS, default="month")
     parser.add_argument("--tag", action="append", default=[], help="an extra ledger tag (repeat for several)")
@@ -365,18 +359,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         "local.safety_checker (repeat for several; default: the server's list)",
     )
     parser.add_argument("--file", type=Path, help="append the entry to this key file (TOML or YAML)")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def run(ns: argparse.Namespace, *, as_json: bool = False) -> int:
+    """Make the key ``ns`` describes: print it once on stdout, and append its entry to ``--file`` (or print the
+    entry on stderr). Raises :class:`KeyFileError` for a key file that cannot be used or a name it already has.
+    ``as_json``: print ``{"name", "key", "file"}`` (and the entry as ``"entry"`` without a file) instead."""
     keys = ServerKeys.from_file(ns.file) if ns.file and ns.file.exists() else ServerKeys()
-    key = keys.add(
-        ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag, rpm=ns.rpm, provider_options=ns.options
-    )
+    try:
+        key = keys.add(
+            ns.name, budget_usd=ns.budget, period=ns.period, tags=ns.tag, rpm=ns.rpm, provider_options=ns.options
+        )
+    except KeyFileError as exc:
+        where = f"{ns.file}: " if ns.file else ""
+        raise KeyFileError(f"{where}{exc.message}; choose another name, or remove the old entry first") from None
+    except ValueError as exc:
+        raise KeyFileError(str(exc)) from None
+    entry = ServerKeys([list(keys)[-1]]).to_toml()
     if ns.file:
         keys.save(ns.file)
+    if as_json:
+        doc = {"name": ns.name, "key": key, "file": str(ns.file) if ns.file else None}
+        print(json.dumps(doc if ns.file else doc | {"entry": entry}))
+        return 0
+    if ns.file:
         print(f"added {ns.name!r} to {ns.file}", file=sys.stderr)
     else:
-        print(ServerKeys([list(keys)[-1]]).to_toml(), end="", file=sys.stderr)
+        print(entry, end="", file=sys.stderr)
     print(key)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m router.keys NAME [--budget USD --period day] [--file keys.toml]``: make a key (the same as
+    ``pixroute keys``).
+
+    Prints the new key once (hand it to the client) and the entry to add to the key file,
+    or appends the entry to ``--file``.
+    """
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m router.keys",
+                                                   description="make a client key for the server"))
+    try:
+        return run(parser.parse_args(argv))
+    except KeyFileError as exc:
+        print(f"error: {exc.kind}: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import platformdirs
 
@@ -180,6 +180,94 @@ class SpendRow:
     key: dict[str, str]
     requests: int
     usd: Decimal
+
+
+class LedgerBackend(Protocol):
+    """What the router, the server and the CLI use of a ledger: :class:`Ledger` (SQLite, embedded) and
+    :class:`router.ledger_pg.PostgresLedger` (PostgreSQL, shared across hosts) both provide it.
+
+    The write-behind part (``private``, ``watches``, ``reserve_behind``, ``settle_behind``, ``flush``,
+    ``queued``) lets a backend defer writes no budget watches; a backend without a queue answers
+    ``reserve_behind`` with None, ``settle_behind`` with False and ``queued`` with 0.
+    """
+
+    @property
+    def private(self) -> bool: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def set_budget(self, budget: Budget) -> None: ...
+
+    def remove_budget(self, period: Period, tag: str | None = None) -> None: ...
+
+    def budgets(self) -> list[Budget]: ...
+
+    def headroom(self, tags: Iterable[str] = ()) -> Decimal | None: ...
+
+    def watches(self, tags: Iterable[str] = ()) -> bool | None: ...
+
+    def reserve(
+        self, *, request_id: str, provider: str, model: str, amount: Decimal, tags: Iterable[str] = ()
+    ) -> Reservation: ...
+
+    def reserve_behind(
+        self, *, request_id: str, provider: str, model: str, amount: Decimal, tags: Iterable[str] = ()
+    ) -> Reservation | None: ...
+
+    def settle(
+        self,
+        reservation: Reservation,
+        actual_usd: Decimal,
+        *,
+        unit: str = "",
+        quantity: Decimal | float | int = 0,
+        details: Mapping[str, object] | None = None,
+    ) -> None: ...
+
+    def settle_behind(
+        self,
+        reservation: Reservation,
+        actual_usd: Decimal,
+        *,
+        unit: str = "",
+        quantity: Decimal | float | int = 0,
+        details: Mapping[str, object] | None = None,
+    ) -> bool: ...
+
+    def release(self, reservation: Reservation, *, reason: str = "") -> None: ...
+
+    def flush(self) -> None: ...
+
+    def spent(self, tags: Iterable[str] = (), period: Period = "month") -> Decimal: ...
+
+    def report(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: Sequence[str] = ("provider",),
+    ) -> list[SpendRow]: ...
+
+    def close(self) -> None: ...
+
+
+def open_ledger(
+    spec: LedgerBackend | str | os.PathLike[str] | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    reservation_ttl_s: float = 3600.0,
+) -> LedgerBackend:
+    """The ledger ``spec`` names: a ``postgresql://`` (or ``postgres://``) URL opens a
+    :class:`~router.ledger_pg.PostgresLedger` (needs the ``postgres`` extra); a path or ``":memory:"``
+    a SQLite :class:`Ledger`; None the SQLite file in the user's data dir. A ledger object is returned as is."""
+    if spec is not None and not isinstance(spec, str | os.PathLike):
+        return spec
+    if isinstance(spec, str) and spec.startswith(("postgresql://", "postgres://")):
+        from router.ledger_pg import PostgresLedger
+
+        return PostgresLedger(spec, clock=clock, reservation_ttl_s=reservation_ttl_s)
+    return Ledger(spec, clock=clock, reservation_ttl_s=reservation_ttl_s)
 
 
 class Ledger:
@@ -694,4 +782,7 @@ def _timestamp(when: datetime) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-__all__ = ["GROUP_KEYS", "PERIODS", "Budget", "Ledger", "Period", "Reservation", "SpendRow", "default_path"]
+__all__ = [
+    "GROUP_KEYS", "PERIODS", "Budget", "Ledger", "LedgerBackend", "Period", "Reservation", "SpendRow", "default_path",
+    "open_ledger",
+]

@@ -41,6 +41,9 @@ Image = Annotated[ImageInput, BeforeValidator(_image)]
 def _image_values(kw: dict[str, Any]) -> list[Any]:
     """The image values among request keywords (``init_image``, ``mask_image``, each control's ``image``)."""
     values = [kw.get("init_image"), kw.get("mask_image")]
+    ip = kw.get("ip_adapter")
+    if ip is not None:
+        values.append(ip.get("image") if isinstance(ip, dict) else getattr(ip, "image", None))
     controls = kw.get("controls")
     if isinstance(controls, list | tuple):
         values += [c.get("image") if isinstance(c, dict) else getattr(c, "image", None) for c in controls]
@@ -112,6 +115,21 @@ class ControlInput(_Model):
         return self
 
 
+class EmbeddingRef(_Model):
+    """A textual-inversion embedding: a local .safetensors file and the prompt word that stands for it."""
+
+    ref: str = Field(min_length=1)
+    token: str = Field(min_length=1, pattern=r"^\S+$")
+
+
+class IPAdapterInput(_Model):
+    """An IP-Adapter: its .safetensors weights, the reference image, and how strongly it steers."""
+
+    ref: str = Field(min_length=1)
+    image: Image
+    scale: float = Field(1.0, ge=0.0, le=2.0)
+
+
 class LoraRef(_Model):
     """A LoRA adapter: a path, a hub id or a provider's URL, and its weight."""
 
@@ -176,6 +194,10 @@ class ImageRequest(_Model):
     mask_image: Image | None = None
     controls: tuple[ControlInput, ...] = ()
     loras: tuple[LoraRef, ...] = ()
+    embeddings: tuple[EmbeddingRef, ...] = ()
+    """Textual-inversion embeddings (local backend): each file's ``token`` stands for it in the prompt."""
+    ip_adapter: IPAdapterInput | None = None
+    """An IP-Adapter steering the image toward a reference image (local backend)."""
     upscale: float | None = Field(None, gt=1.0, le=8.0)
     model: str | None = None
     provider: str | None = None

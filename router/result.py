@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from router.errors import RequestValidationError
 from router.images import decode
 
 if TYPE_CHECKING:
@@ -151,6 +152,29 @@ class GenerationResult:
              metadata: bool | None = None) -> list[Path]:
         """Save every image into ``directory`` as ``<stem>-<i>.<ext>`` (``metadata``: see ``GeneratedImage.save``)."""
         return [img.save(Path(directory) / f"{stem}-{i}", metadata=metadata) for i, img in enumerate(self.images)]
+
+    def score(self, *, clip: str | os.PathLike[str], prompt: str | None = None, device: str = "cpu") -> list[float]:
+        """Each image's CLIP score (0-100: ``100 × max(cos, 0)``) against ``prompt`` (default: the prompt in
+        the images' provenance), with the local CLIP model directory ``clip``. Needs the ``quality`` extra;
+        nothing is downloaded (see :mod:`router.quality`)."""
+        from router.quality import clip_score
+
+        return clip_score(self.images, self._prompt(prompt), clip=clip, device=device)
+
+    async def ascore(self, *, clip: str | os.PathLike[str], prompt: str | None = None,
+                     device: str = "cpu") -> list[float]:
+        """:meth:`score` off the event loop (the model runs in a worker thread)."""
+        from router.quality import aclip_score
+
+        return await aclip_score(self.images, self._prompt(prompt), clip=clip, device=device)
+
+    def _prompt(self, prompt: str | None) -> str:
+        if prompt is None:
+            prompt = next((str(i.provenance["prompt"]) for i in self.images
+                           if i.provenance and i.provenance.get("prompt")), None)
+        if prompt is None:
+            raise RequestValidationError([("prompt", "these images carry no prompt: pass score(prompt=...)")])
+        return prompt
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (image bytes left out)."""

@@ -47,7 +47,7 @@ from router.errors import (
     ProviderUnavailable,
 )
 from router.health import CircuitBreaker
-from router.ledger import Budget, Ledger, Reservation
+from router.ledger import Budget, LedgerBackend, Reservation, open_ledger
 from router.logs import install_redaction
 from router.profiles import ProfileTable, default_profiles, profile_for
 from router.progress import ProgressCallback, reporting_to
@@ -64,7 +64,8 @@ class AsyncRouter:
     """Routes requests across providers under a policy. Async at the core.
 
     ``providers`` are tried in the order the policy ranks them; ``ledger`` is a
-    :class:`~router.ledger.Ledger`, a path, ``":memory:"`` or None (the user's data dir).
+    :class:`~router.ledger.LedgerBackend`, a SQLite path, ``":memory:"``, a ``postgresql://`` URL
+    (:class:`~router.ledger_pg.PostgresLedger`, the ``postgres`` extra) or None (the user's data dir).
     ``sleep``, ``clock`` and ``rng`` are injectable so tests can check waits exactly.
     ``tracer_provider`` receives the OpenTelemetry spans (default: the global provider; False: none),
     and ``record_prompts`` puts prompts on spans and log records (see :mod:`router.telemetry`).
@@ -75,7 +76,7 @@ class AsyncRouter:
         providers: Sequence[Provider],
         *,
         policy: Policy | str | Path | None = None,
-        ledger: Ledger | str | Path | None = None,
+        ledger: LedgerBackend | str | Path | None = None,
         budgets: Iterable[Budget] = (),
         max_retries: int | None = None,
         backoff: tuple[float, float] = (0.5, 8.0),
@@ -95,7 +96,7 @@ class AsyncRouter:
         self.providers: dict[str, Provider] = {p.name: p for p in providers}
         """The providers as given (never modified: a policy's price overrides apply to copies)."""
         self.policy = resolve_policy(policy)
-        self.ledger = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+        self.ledger: LedgerBackend = open_ledger(ledger)
         self._ledger = _LedgerCalls(self.ledger)
         self._priced: dict[str, dict[str, Provider]] = {}
         self._profiled: dict[str, ProfileTable] = {}
@@ -123,11 +124,12 @@ class AsyncRouter:
         self._hedge_held = Decimal(0)  # the worst case of hedges in flight
 
     @classmethod
-    def from_env(cls, **kw: Any) -> AsyncRouter:
-        """A router configured from environment variables (see :mod:`router.config`)."""
+    def from_env(cls, *, sandbox: bool | None = None, **kw: Any) -> AsyncRouter:
+        """A router configured from environment variables (see :mod:`router.config`); ``sandbox=True`` runs
+        every hosted backend against its offline loopback sandbox (fake keys; nothing reaches a vendor)."""
         from router.config import router_kwargs_from_env
 
-        return cls(**(router_kwargs_from_env() | kw))
+        return cls(**(router_kwargs_from_env(sandbox=sandbox) | kw))
 
     # --- a policy's prices and budgets ----------------------------------------------------
 
@@ -450,10 +452,11 @@ class _LedgerCalls:
     are not waited for: they are queued in the ledger (readers apply the queue first) and the thread
     applies them right after, so a request's path never waits on SQLite unless a budget applies."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: LedgerBackend) -> None:
         self.ledger = ledger
         self._pool = None if ledger.private else ThreadPoolExecutor(1, thread_name_prefix="imagerouter-ledger")
         self._flush_due = False
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await self.start(fn, *args, **kw)
@@ -487,9 +490,10 @@ class _LedgerCalls:
         if self.ledger.queued >= _FLUSH_AT:
             self._pool.submit(self._flush)
         else:
-            asyncio.get_running_loop().call_later(_FLUSH_AFTER_S, self._submit_flush)
+            self._flush_timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER_S, self._submit_flush)
 
     def _submit_flush(self) -> None:
+        self._flush_timer = None
         if self._pool is not None:
             self._pool.submit(self._flush)
 
@@ -542,6 +546,10 @@ class _LedgerCalls:
             self._pool.submit(self.ledger.release, reservation, reason=reason)
 
     def shutdown(self) -> None:
+        if self._flush_timer is not None:  # the flush it would start runs now, below
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._flush_due = False
         if self._pool is not None:
             if self.ledger.queued:
                 self._pool.submit(self._flush)
@@ -933,7 +941,7 @@ class Router:
         return self._async
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> LedgerBackend:
         return self._async.ledger
 
     @property

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over an :class:`~router.router.AsyncRouter` (``pip install 'imagerouter[server]'``).
+"""An OpenAI-compatible HTTP server over an :class:`~router.router.AsyncRouter` (``pip install 'pixroute[server]'``).
 
 Any OpenAI Images client can point its ``base_url`` at it; the router picks the backend::
 
@@ -118,6 +118,7 @@ from router.errors import (
     AllProvidersFailed,
     AuthenticationError,
     BudgetExceeded,
+    ConfigurationError,
     ContentPolicyError,
     DeadlineExceeded,
     ImageRouterError,
@@ -1155,7 +1156,8 @@ def _client_key(request: Request, server: Annotated[_Server, Depends(_server)]) 
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <key>'.", error="MissingAPIKey")
+        raise APIError(401, "You didn't provide an API key: send it in the Authorization header, as 'Bearer <key>'.",
+                       error="MissingAPIKey")
     entry = server.keys.verify(token)
     if entry is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", error="InvalidAPIKey")
@@ -1517,7 +1519,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("imagerouter")
+        return version("pixroute")
     except PackageNotFoundError:
         return "0"
 
@@ -1572,7 +1574,7 @@ def serve(
     lora_dirs: Sequence[str | Path] = (),
     log_level: str = "info",
 ) -> None:
-    """Run the server with uvicorn until interrupted (the ``imagerouter serve`` command).
+    """Run the server with uvicorn until interrupted (the ``pixroute serve`` command).
 
     Providers come from the environment (:func:`router.config.router_kwargs_from_env`); ``policy`` (a
     preset or a policy file) and ``ledger`` (a path or ``":memory:"``) override ``IMAGEROUTER_POLICY`` and
@@ -1588,9 +1590,9 @@ def serve(
     keys_path = keys_file or os.environ.get("IMAGEROUTER_SERVER_KEYS") or None
     keys = ServerKeys.from_file(keys_path) if keys_path else ServerKeys()
     if not keys and not _is_loopback(host) and not allow_open:
-        raise ValueError(
-            f"refusing to serve on {host} without client keys: give keys_file "
-            "(python -m router.keys NAME --file keys.toml), or allow_open=True"
+        raise ConfigurationError(
+            f"refusing to serve on {host} without client keys: give a key file with --keys keys.toml (make one "
+            "with `pixroute keys NAME --file keys.toml`), or pass --allow-open to serve it to anyone"
         )
     overrides: dict[str, Any] = {}
     if policy is not None:

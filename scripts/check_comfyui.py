@@ -10,7 +10,7 @@ comes back: txt2img (n=2, seed, negative prompt, sampler), jpeg output, progress
 ``--workflows`` (with an init image and mask where it binds them), a graph the server must refuse
 (``node_errors`` → InvalidRequestError) and a deadline that interrupts a long run (ProviderTimeout, and the
 server's history says ``execution_interrupted``). Prints one line per check and writes a JSON report; exits 1
-when a check failed. Needs ``pip install 'imagerouter[comfyui]'``.
+when a check failed. Needs ``pip install 'pixroute[comfyui]'``.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
         "TOGETHER_API_KEY", "TOGETHER_BASE_URL", "BFL_API_KEY", "BFL_BASE_URL",
         "IMAGEROUTER_POLICY", "IMAGEROUTER_PROVIDERS", "IMAGEROUTER_MODELS",
         "IMAGEROUTER_COMFYUI_URL", "IMAGEROUTER_COMFYUI_WORKFLOWS", "IMAGEROUTER_COMFYUI_REGIONS",
-        "IMAGEROUTER_COMFYUI_USD_PER_GPU_HOUR",
+        "IMAGEROUTER_COMFYUI_USD_PER_GPU_HOUR", "IMAGEROUTER_SANDBOX",
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("IMAGEROUTER_LEDGER", ":memory:")

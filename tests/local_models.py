@@ -8,16 +8,20 @@ from pathlib import Path
 
 from providers.local.tiny import (
     build_controlnet,
+    build_embedding,
     build_flux,
+    build_ip_adapter,
     build_lora,
     build_sd15,
     build_sdxl,
+    build_upscaler,
     flagging_safety_checker,
     write_clip_tokenizer,
 )
 
-__all__ = ["build_controlnet", "build_flux", "build_lora", "build_sd15", "build_sdxl", "flagging_safety_checker",
-           "write_clip_tokenizer", "write_incomplete_model", "write_pickled_model"]
+__all__ = ["build_controlnet", "build_embedding", "build_flux", "build_ip_adapter", "build_lora", "build_sd15",
+           "build_sdxl", "build_upscaler", "flagging_safety_checker", "write_clip_tokenizer",
+           "write_incomplete_model", "write_pickled_model"]
 
 
 def write_pickled_model(directory: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The ``imagerouter`` command, run as a user would."""
+"""The ``pixroute`` command, run as a user would."""
 
 from __future__ import annotations
 
@@ -136,8 +136,9 @@ def test_generate_on_the_local_backend_shows_progress_and_takes_controls_and_lor
 
 def test_serve_refuses_an_open_public_bind_and_keys_makes_a_hashed_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--host", "0.0.0.0", "--port", "8765"]) == 1
-    assert "without client keys" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--port", "8765"]) == 3
+    refusal = capsys.readouterr().err
+    assert "without client keys" in refusal and "--keys" in refusal and "--allow-open" in refusal
     keys = tmp_path / "keys.toml"
     assert main(["keys", "alice", "--budget", "5", "--period", "day", "--file", str(keys)]) == 0
     key = capsys.readouterr().out.strip()

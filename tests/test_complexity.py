@@ -40,8 +40,6 @@ bench = _benchmark()
 
 @pytest.fixture(scope="module")
 def geneval() -> dict[str, list[dict[str, Any]]]:
-    if not bench.GENEVAL.exists():
-        pytest.skip(f"GenEval metadata not found at {bench.GENEVAL} (shared/data/ lives beside the repository)")
     by_tag: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in bench.load_geneval():
         by_tag[row["tag"]].append(row)
@@ -95,7 +93,7 @@ def test_parti_mean_score_rises_with_difficulty(parti: list[dict[str, str]]) -> 
     assert all(mean[a] < mean[b] for a, b in itertools.pairwise(levels)), mean
 
 
-# --- GenEval (read from ../shared/data, never copied) -------------------------------------------
+# --- GenEval (vendored in tests/data/geneval) ----------------------------------------------------
 
 
 @pytest.mark.parametrize("tag", list(bench.GENEVAL_CHECKS))

@@ -38,14 +38,14 @@ def no_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMAGEROUTER_LEDGER", ":memory:")
 
 
-def imagerouter() -> list[str]:
+def pixroute() -> list[str]:
     """The installed command, or the module where the package runs from its source tree."""
-    script = Path(sys.executable).with_name("imagerouter")
+    script = Path(sys.executable).with_name("pixroute")
     return [str(script)] if script.exists() else [sys.executable, "-m", "router.cli"]
 
 
 def test_a_keyless_route_explain_shows_a_ranked_chain() -> None:
-    out = subprocess.run([*imagerouter(), "route", PROMPT, "--explain"], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([*pixroute(), "route", PROMPT, "--explain"], capture_output=True, text=True, cwd=ROOT,
                          env=keyless_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

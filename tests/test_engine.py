@@ -516,3 +516,22 @@ def test_a_lora_file_on_this_machine_is_never_routed_to_a_hosted_backend() -> No
     by_url = router.route("a cat", loras=[{"ref": "https://example.invalid/style.safetensors", "weight": 0.7}])
     assert "replicate" in {c.provider for c in by_url.chain}  # a URL the vendor fetches may go to the vendor
     router.close()
+
+
+def test_embeddings_and_ip_adapters_route_only_to_backends_that_take_them() -> None:
+    from providers.local.provider import LocalProvider
+    from providers.openai import OpenAIProvider
+    from router import Router
+    from tests.conftest import png
+
+    local = LocalProvider({"xl": {"path": "/nowhere", "family": "sdxl"},
+                           "flux": {"path": "/nowhere", "family": "flux"}}, device="cpu")
+    router = Router([OpenAIProvider(api_key="sk-test"), local], ledger=":memory:")
+    emb = router.route("a <style> cat", embeddings=[{"ref": "/emb/style.safetensors", "token": "<style>"}])
+    assert [(c.provider, c.model) for c in emb.chain] == [("local", "xl")]
+    why = {(r.provider, r.model): r.reason for r in emb.rejections}
+    assert why[("openai", "gpt-image-2")] == why[("local", "flux")] == "takes no textual-inversion embeddings"
+    ip = router.route("a cat", ip_adapter={"ref": "/ip/ip.safetensors", "image": png(), "scale": 0.6})
+    assert [(c.provider, c.model) for c in ip.chain] == [("local", "xl")]
+    assert {(r.provider, r.model): r.reason for r in ip.rejections}[("local", "flux")] == "takes no IP-Adapter"
+    router.close()

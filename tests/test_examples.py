@@ -16,7 +16,7 @@ _VENDOR_VARS = ("OPENAI_", "STABILITY_", "REPLICATE_", "TOGETHER_", "BFL_", "IMA
 
 
 def run(script: str, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` with this interpreter, no vendor keys or imagerouter settings in its environment."""
+    """Run ``script`` with this interpreter, no vendor keys or IMAGEROUTER_* settings in its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_VENDOR_VARS)}
     env |= {"PYTHONPATH": str(ROOT), "IMAGEROUTER_LEDGER": ":memory:", "HF_HUB_OFFLINE": "1",
             "XDG_DATA_HOME": str(cwd / "xdg")}
@@ -90,3 +90,14 @@ def test_the_overhead_benchmark_runs_a_tiny_round(tmp_path: Path) -> None:
     for method in ("raw", "adapter", "router"):
         assert re.search(rf"^\| {method} \| 1 \| [0-9.]+ \|", out, re.M), out
     assert "concurrency 1: the router adds" in out and "over its own adapter" in out
+
+
+def test_the_overhead_benchmark_without_the_bench_extra_says_how_to_get_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("litellm") is None  # the dev extra leaves the bench extra out
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_VENDOR_VARS)} | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/overhead.py"), "--requests", "1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "LiteLLM is not installed: pip install -e '.[bench]'" in out.stderr and "--skip-litellm" in out.stderr

@@ -1,4 +1,4 @@
-"""Providers load lazily by name, built-in or from the ``imagerouter.providers`` entry points."""
+"""Providers load lazily by name, built-in or from the ``pixroute.providers`` entry points."""
 
 from __future__ import annotations
 

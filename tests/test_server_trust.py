@@ -325,7 +325,7 @@ def test_serve_on_the_command_line_says_how_to_fix_the_key_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _key_file(tmp_path, 0o666)
-    assert main(["serve", "--keys", str(path), "--port", "0"]) == 1
+    assert main(["serve", "--keys", str(path), "--port", "0"]) == 3  # a key-file error: exit 3
     err = capsys.readouterr().err
     assert "writable by group and others" in err and f"chmod go-w {path}" in err
 

@@ -14,11 +14,15 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from providers.local.adapters import EmbeddingSet, IPAdapterSlot
 from providers.local.catalog import ModelEntry
 from providers.local.loras import AdapterSet
+from providers.local.precision import torch_dtype
+from providers.local.upscale import UpscalerEntry
 from router.errors import InvalidRequestError
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -120,27 +124,42 @@ class PipelineCache:
     """
 
     def __init__(self, device: str = "cpu", *, max_models: int = 2, vram_budget_gb: float | None = None,
-                 dtype: Any = None) -> None:
+                 dtype: Any = None, compile_options: Mapping[str, Any] | None = None) -> None:
         self.device = device
+        self.compile_options = dict(compile_options or {})
+        """Keyword arguments for ``torch.compile`` of a ``compile: true`` model's denoiser."""
+        self._dtypes: dict[str, Any] = {}
         self.max_models = max(1, max_models)
         self.vram_budget_gb = vram_budget_gb
         self._dtype = dtype
+        self._default_dtype = dtype
         self._bases: OrderedDict[str, Any] = OrderedDict()
         self._vram: dict[str, float] = {}
         self._loaded: tuple[str, ...] = ()
         self._tasks: dict[tuple[str, str, tuple[str, ...]], Any] = {}
         self._controlnets: dict[tuple[str, str], Any] = {}
         self._adapters: dict[str, AdapterSet] = {}
+        self._upscalers: OrderedDict[str, Any] = OrderedDict()
+        self._embeddings: dict[str, EmbeddingSet] = {}
+        self._ip_slots: dict[str, IPAdapterSlot] = {}
         self._lock = threading.Lock()
         self.loads = 0
 
     @property
     def dtype(self) -> Any:
+        """The provider-wide dtype: the one given, else float16 on CUDA and float32 elsewhere."""
         import torch
 
         if self._dtype is None:
             self._dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         return self._dtype
+
+    def dtype_for(self, entry: ModelEntry) -> Any:
+        """The dtype ``entry`` runs in here: its catalog ``dtype``, else a safe one for its family and device."""
+        found = self._dtypes.get(entry.name)
+        if found is None:
+            found = self._dtypes[entry.name] = torch_dtype(entry, self.device, self._default_dtype)
+        return found
 
     def loaded(self) -> list[str]:
         """The models held now, least recently used first (a snapshot; safe from any thread)."""
@@ -187,7 +206,7 @@ class PipelineCache:
                     extra["controlnet"] = nets[0] if len(nets) == 1 else nets
                 cls = getattr(diffusers, _TASK_PIPES[task])
                 try:
-                    pipe = cls.from_pipe(base, dtype=self.dtype, **extra)
+                    pipe = cls.from_pipe(base, dtype=self.dtype_for(entry), **extra)
                 except (ValueError, KeyError) as exc:
                     what = f"{task} with ControlNet" if controls else task
                     raise InvalidRequestError(f"local model {entry.name!r} has no {what} pipeline ({exc})",
@@ -204,6 +223,33 @@ class PipelineCache:
                 found = self._adapters[entry.name] = AdapterSet(entry.lora_cache)
             return found
 
+    def embeddings(self, entry: ModelEntry) -> EmbeddingSet:
+        """The textual-inversion tokens loaded on the model's text encoders (shared by its task views)."""
+        with self._lock:
+            return self._embeddings.setdefault(entry.name, EmbeddingSet())
+
+    def ip_slot(self, entry: ModelEntry) -> IPAdapterSlot:
+        """The IP-Adapter loaded on the model's denoiser, if any."""
+        with self._lock:
+            return self._ip_slots.setdefault(entry.name, IPAdapterSlot())
+
+    def loaded_upscalers(self) -> list[str]:
+        return list(self._upscalers)
+
+    def upscaler(self, entry: UpscalerEntry) -> Any:
+        """The upscaler's spandrel model, loaded on first use (the ``max_models`` most recent are kept)."""
+        with self._lock:
+            model = self._upscalers.get(entry.name)
+            if model is None:
+                from providers.local.upscale import load
+
+                while len(self._upscalers) >= self.max_models:
+                    self._upscalers.popitem(last=False)
+                model = self._upscalers[entry.name] = load(entry, self.device)
+                self.loads += 1
+            self._upscalers.move_to_end(entry.name)
+            return model
+
     def _controlnet(self, entry: ModelEntry, kind: str) -> Any:
         key = (entry.name, kind)
         net = self._controlnets.get(key)
@@ -219,7 +265,8 @@ class PipelineCache:
             root = check_component(entry, f"{kind} ControlNet", path)
             cls = diffusers.FluxControlNetModel if entry.family == "flux" else diffusers.ControlNetModel
             try:
-                net = cls.from_pretrained(str(root), use_safetensors=True, dtype=self.dtype, local_files_only=True)
+                net = cls.from_pretrained(str(root), use_safetensors=True, dtype=self.dtype_for(entry),
+                                          local_files_only=True)
             except (OSError, ValueError) as exc:
                 raise ModelNotAvailable(entry.name, f"could not load the {kind} ControlNet from {root}: {exc}"[:600]
                                         ) from None
@@ -240,6 +287,9 @@ class PipelineCache:
         for cn_key in [k for k in self._controlnets if k[0] == name]:
             del self._controlnets[cn_key]
         self._adapters.pop(name, None)
+        self._dtypes.pop(name, None)
+        self._embeddings.pop(name, None)
+        self._ip_slots.pop(name, None)
         if self.device.startswith("cuda"):
             import torch
 
@@ -250,22 +300,58 @@ class PipelineCache:
         from diffusers import DiffusionPipeline
 
         path = str(Path(entry.path).expanduser()) if entry.is_local_dir else entry.path
+        dtype = self.dtype_for(entry)
         extra: dict[str, Any] = {}
+        vae = self.vae_for(entry)
+        if vae is not None:
+            extra["vae"] = self._load_vae(entry, vae, dtype)
         try:
-            if entry.vae is not None:
-                from diffusers import AutoencoderKL
-
-                extra["vae"] = AutoencoderKL.from_pretrained(str(Path(entry.vae).expanduser()), use_safetensors=True,
-                                                             dtype=self.dtype, local_files_only=True)
             pipe = DiffusionPipeline.from_pretrained(
-                path, use_safetensors=True, dtype=self.dtype,
+                path, use_safetensors=True, dtype=dtype,
                 local_files_only=entry.is_local_dir or offline(), **extra)
         except (OSError, ValueError) as exc:
             raise ModelNotAvailable(entry.name, f"could not load from {path}: {exc}"[:600]) from None
         self._place(entry, pipe)
+        if entry.compile:
+            self._compile(entry, pipe)
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1
         return pipe
+
+    def vae_for(self, entry: ModelEntry) -> str | None:
+        """The replacement VAE ``entry`` loads with: its ``vae``, else its ``fp16_vae`` in float16 on CUDA."""
+        import torch
+
+        if entry.vae is not None:
+            return entry.vae
+        if entry.fp16_vae and self.device.startswith("cuda") and self.dtype_for(entry) == torch.float16:
+            return entry.fp16_vae
+        return None
+
+    def _load_vae(self, entry: ModelEntry, ref: str, dtype: Any) -> Any:
+        from diffusers import AutoencoderKL
+
+        local = ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists() or ref.count("/") != 1
+        where = str(check_component(entry, "VAE", ref)) if local else ref
+        try:
+            return AutoencoderKL.from_pretrained(where, use_safetensors=True, dtype=dtype,
+                                                 local_files_only=local or offline())
+        except (OSError, ValueError) as exc:
+            key = "vae" if ref == entry.vae else "fp16_vae"
+            raise ModelNotAvailable(entry.name, f"could not load the VAE {where}: {exc}; download it and set "
+                                                f"{key}: to its directory, or {key}: null"[:600]) from None
+
+    def _compile(self, entry: ModelEntry, pipe: Any) -> None:
+        """``torch.compile`` the denoiser in place, so every task view sharing it runs compiled.
+
+        Compilation itself happens on the first call; :meth:`LocalProvider.warm` makes that call
+        before requests arrive. A new size, batch or LoRA set recompiles.
+        """
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if denoiser is None:
+            log.info("local model %s: compile: true, but it has no UNet or transformer to compile", entry.name)
+            return
+        denoiser.compile(**self.compile_options)
 
     def _place(self, entry: ModelEntry, pipe: Any) -> None:
         """Move the pipeline to the device, or set up CPU offload, and apply the memory options."""
@@ -283,8 +369,9 @@ class PipelineCache:
 
         vae = getattr(pipe, "vae", None)
         if vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            log.info("local model %s: its VAE upcasts to float32 on every decode in float16; set vae: to an "
-                     "fp16-fix VAE (e.g. madebyollin/sdxl-vae-fp16-fix) in the catalog to avoid it", entry.name)
+            log.info("local model %s: its VAE upcasts to float32 on every decode in float16; set fp16_vae: (or "
+                     "vae:) to an fp16-fix VAE (e.g. madebyollin/sdxl-vae-fp16-fix) in the catalog to avoid it",
+                     entry.name)
         if entry.vae_slicing and vae is not None:
             vae.enable_slicing()
         if entry.vae_tiling and vae is not None:

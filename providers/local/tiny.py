@@ -195,3 +195,91 @@ def build_lora(model_dir: Path, out_file: Path, *, seed: int = 2, rank: int = 4)
     key = "transformer_lora_layers" if hasattr(pipe, "transformer") else "unet_lora_layers"
     type(pipe).save_lora_weights(str(out_file.parent), weight_name=out_file.name, **{key: layers})
     return out_file
+
+
+def build_upscaler(out_file: Path, arch: str = "esrgan", *, scale: int = 4, seed: int = 5) -> Path:
+    """Write a tiny random upscaler of a real architecture (``esrgan`` = Real-ESRGAN's RRDBNet, ``compact`` =
+    Real-ESRGAN's SRVGGNetCompact, ``swinir``) as ``.safetensors``; spandrel recognizes it from its keys."""
+    import torch
+    from safetensors.torch import save_file
+
+    from providers.local.upscale import _spandrel
+
+    _spandrel()  # spandrel's import needs the torchvision guard
+    torch.manual_seed(seed)
+    net: Any
+    if arch == "esrgan":
+        from spandrel.architectures.ESRGAN import ESRGAN
+
+        net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    elif arch == "compact":
+        from spandrel.architectures.Compact import Compact
+
+        net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale)
+    elif arch == "swinir":
+        from spandrel.architectures.SwinIR import SwinIR
+
+        net = SwinIR(img_size=16, patch_size=1, in_chans=3, embed_dim=12, depths=[1], num_heads=[2],
+                     window_size=4, mlp_ratio=2.0, upscale=scale, upsampler="pixelshuffle", resi_connection="1conv")
+    else:
+        raise ValueError(f"unknown upscaler architecture {arch!r}; use esrgan, compact or swinir")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out_file))
+    return out_file
+
+
+def build_embedding(out_file: Path, family: str = "sd15", *, width: int = 8, width_2: int = 32, vectors: int = 1,
+                    seed: int = 6) -> Path:
+    """Write a random textual-inversion embedding: one tensor (SD1.5) or ``clip_l`` + ``clip_g`` (SDXL)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    if family == "sdxl":
+        tensors = {"clip_l": torch.randn(vectors, width, generator=gen),
+                   "clip_g": torch.randn(vectors, width_2, generator=gen)}
+    else:
+        tensors = {"emb_params": torch.randn(vectors, width, generator=gen)}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file))
+    return out_file
+
+
+def build_ip_adapter(model_dir: Path, out_dir: Path, *, seed: int = 7, tokens: int = 4) -> Path:
+    """Write a random IP-Adapter for the tiny SD pipeline in ``model_dir``: ``ip-adapter.safetensors`` (the
+    ``image_proj.*`` / ``ip_adapter.*`` layout) and a tiny CLIP image encoder in ``image_encoder/``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet: Any = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"), use_safetensors=True)
+    cross = int(unet.config.cross_attention_dim)
+    channels = list(unet.config.block_out_channels)
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Any] = {}
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            if name.startswith("mid_block"):
+                hidden = channels[-1]
+            elif name.startswith("up_blocks"):
+                hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+            else:
+                hidden = channels[int(name[len("down_blocks.")])]
+            tensors[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=gen) * 0.3
+            tensors[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=gen) * 0.3
+            key += 2  # diffusers numbers the cross-attention processors 1, 3, 5, …
+    embed_dim = cross
+    tensors["image_proj.proj.weight"] = torch.randn(cross * tokens, embed_dim, generator=gen) * 0.3
+    tensors["image_proj.proj.bias"] = torch.zeros(cross * tokens)
+    tensors["image_proj.norm.weight"] = torch.ones(cross)
+    tensors["image_proj.norm.bias"] = torch.zeros(cross)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "ip-adapter.safetensors"))
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+        patch_size=8, projection_dim=embed_dim))
+    encoder.save_pretrained(str(out_dir / "image_encoder"), safe_serialization=True)
+    return out_dir / "ip-adapter.safetensors"

@@ -18,14 +18,16 @@ import copy
 import inspect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from providers.local.adapters import EmbeddingFile, IPAdapterFile
 from providers.local.catalog import ModelEntry
 from providers.local.loras import LoraFile
 from providers.local.pipelines import PipelineCache
+from providers.local.upscale import UpscalerEntry, deadline_check, upscale
 from router.errors import InvalidRequestError, ProviderTimeout
 
 T = TypeVar("T")
@@ -66,6 +68,10 @@ class Job:
     padding_mask_crop: int | None = None
     progress: Callable[[int, int], None] | None = None
     """Called on the device thread after each denoising step with (step, total)."""
+    embeddings: tuple[EmbeddingFile, ...] = ()
+    ip_adapter: IPAdapterFile | None = None
+    ip_image: Any = None
+    ip_scale: float = 1.0
 
     @property
     def control_kinds(self) -> tuple[str, ...]:
@@ -105,13 +111,18 @@ def make_scheduler(current: Any, name: str | None) -> Any:
     return getattr(diffusers, cls_name).from_config(current.config, **extra)
 
 
-def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResult:
-    """Run ``job`` on a per-call view of ``entry_pipe`` (shared modules, own scheduler)."""
+def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any = None) -> JobResult:
+    """Run ``job`` on a per-call view of ``entry_pipe`` (shared modules, own scheduler).
+
+    ``base`` is the model's base pipeline, whose IP-Adapter image encoder the view borrows."""
     import torch
 
     scheduler = make_scheduler(entry_pipe.scheduler, None if job.entry.family == "flux" else job.scheduler)
     pipe = copy.copy(entry_pipe)
     pipe.scheduler = scheduler
+    if job.ip_adapter is not None and base is not None and base is not entry_pipe:
+        pipe.image_encoder = base.image_encoder  # views made before the IP-Adapter was loaded lack it
+        pipe.feature_extractor = base.feature_extractor
     if not job.safety_checker and getattr(entry_pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     steps_run = 0
@@ -150,6 +161,8 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event) -> JobResu
         if int(job.steps * kwargs["strength"]) < 1:
             raise InvalidRequestError(f"steps × strength = {job.steps} × {kwargs['strength']} runs no denoising "
                                       "step; raise steps or strength", provider="local")
+    if job.ip_adapter is not None:
+        kwargs["ip_adapter_image"] = job.ip_image
     if job.controls:
         kwargs |= control_kwargs(pipe, job, gens)
     if cancel.is_set() or time.monotonic() > job.deadline:
@@ -202,9 +215,10 @@ class DeviceWorker:
     """The only user of one device's pipelines: a one-thread queue in front of a :class:`PipelineCache`."""
 
     def __init__(self, device: str = "cpu", *, max_models: int = 2, vram_budget_gb: float | None = None,
-                 dtype: Any = None) -> None:
+                 dtype: Any = None, compile_options: Mapping[str, Any] | None = None) -> None:
         self.device = device
-        self.cache = PipelineCache(device, max_models=max_models, vram_budget_gb=vram_budget_gb, dtype=dtype)
+        self.cache = PipelineCache(device, max_models=max_models, vram_budget_gb=vram_budget_gb, dtype=dtype,
+                                   compile_options=compile_options)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"imagerouter-{device}")
         self.completed = 0
         self.interrupted = 0
@@ -227,8 +241,11 @@ class DeviceWorker:
         def work(cache: PipelineCache, cancel: threading.Event) -> JobResult:
             try:
                 pipe = cache.for_task(job.entry, job.task, job.control_kinds)
-                cache.adapters(job.entry).activate(cache.base(job.entry), job.loras)
-                result = call_pipeline(pipe, job, cancel)
+                base = cache.base(job.entry)
+                cache.adapters(job.entry).activate(base, job.loras)
+                cache.embeddings(job.entry).activate(base, job.embeddings, job.entry.family)
+                cache.ip_slot(job.entry).activate(base, job.ip_adapter, job.ip_scale, cache.dtype_for(job.entry))
+                result = call_pipeline(pipe, job, cancel, base)
             except ProviderTimeout:
                 self.interrupted += 1
                 raise
@@ -236,6 +253,38 @@ class DeviceWorker:
             return result
 
         return await self.submit(work)
+
+    async def upscale(self, entry: UpscalerEntry, image: Any, factor: float,
+                      deadline: float = float("inf")) -> tuple[Any, float]:
+        """Upscale ``image`` (PIL) on this device; returns the image and the device seconds it took."""
+
+        def work(cache: PipelineCache, cancel: threading.Event) -> tuple[Any, float]:
+            model = cache.upscaler(entry)
+            t0 = time.perf_counter()
+            try:
+                out = upscale(model, image, factor, tile=entry.tile, overlap=entry.overlap,
+                              check=deadline_check(cancel, deadline, time.monotonic))
+            except ProviderTimeout:
+                self.interrupted += 1
+                raise
+            self.completed += 1
+            return out, time.perf_counter() - t0
+
+        return await self.submit(work)
+
+    async def warm(self, entry: ModelEntry) -> None:
+        """Load ``entry`` now; for a ``compile: true`` model also run one small call at its native size,
+        so that ``torch.compile`` compiles here and not inside the first request."""
+
+        def work(cache: PipelineCache, cancel: threading.Event) -> None:
+            pipe = cache.base(entry)
+            if entry.compile:
+                width, height = entry.native
+                job = Job(entry=entry, task="txt2img", prompt="warm-up", width=width, height=height, steps=2,
+                          guidance=entry.guidance, seeds=(0,), safety_checker=False)
+                call_pipeline(pipe, job, cancel)
+
+        await self.submit(work)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
