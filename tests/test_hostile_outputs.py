@@ -47,7 +47,7 @@ from tests.test_ssrf import no_outside_connections  # noqa: F401  (autouse: noth
 
 KINDS = sorted(HOSTILE_IMAGE_FAULTS)
 WHY = {  # what the error says, per hostile image
-    "bomb_image": "Decompressed data too large",
+    "bomb_image": "decompressed data too large",  # Pillow's words (capitalized differently across versions)
     "huge_image": "exceeds limit",
     "truncated_image": "truncated",
     "wrong_format_image": "not a PNG, JPEG or WEBP image",
@@ -74,7 +74,7 @@ def test_a_hostile_image_is_a_typed_error_in_bounded_memory(kind: str) -> None:
     finally:
         tracemalloc.stop()
     pixel_bytes = _pillow_bytes() - pixels_before
-    assert WHY[kind] in info.value.message
+    assert WHY[kind].lower() in info.value.message.lower()
     # RELIABILITY.md: < 100 MB growth. Python allocations (the zTXt bomb stops at Pillow's 1 MB text cap) and
     # Pillow's pixel blocks (none for what the header refuses; the truncated 256x256 is under one block)
     assert python_peak < 8 * 1024 * 1024
@@ -213,7 +213,7 @@ async def test_a_hostile_output_falls_back_charges_the_bill_and_tells_the_breake
             result = await router.agenerate("a lighthouse at dusk", width=1024, height=1024)
         first, second = result.attempts
         assert (first.provider, first.outcome, first.error) == (vendor, "error", "MalformedResponse")
-        assert WHY[kind] in (first.message or "")
+        assert WHY[kind].lower() in (first.message or "").lower()
         assert (second.provider, second.outcome) == (f"{vendor}-backup", "success") and len(result.images) == 1
         assert result.images[0].data != hostile_image(kind)
         assert first.cost_usd > 0  # the vendor billed the unusable answer: it is charged, not lost
@@ -267,7 +267,7 @@ async def test_user_images_meet_the_same_caps() -> None:
     """A request's image is checked from its header at once (format, bytes, pixels) and decoded where it is
     used: the same caps, so each hostile image is refused, the truncated one when its pixels are read."""
     for kind in ("bomb_image", "huge_image", "wrong_format_image"):
-        with pytest.raises(InvalidRequestError, match=WHY[kind]):  # RequestValidationError naming init_image
+        with pytest.raises(InvalidRequestError, match=f"(?i){WHY[kind]}"):  # RequestValidationError naming init_image
             ImageRequest(prompt="x", init_image=hostile_image(kind))
     request = ImageRequest(prompt="x", init_image=hostile_image("truncated_image"))
     assert request.init_image is not None
