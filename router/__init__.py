@@ -15,13 +15,17 @@ from router.errors import (
     AllProvidersFailed,
     AuthenticationError,
     BudgetExceeded,
+    CatalogError,
+    ConfigurationError,
     ContentPolicyError,
     DeadlineExceeded,
     ImageRouterError,
     InsufficientCredits,
     InvalidRequestError,
+    KeyFileError,
     MalformedResponse,
     NoRouteError,
+    PolicyFileError,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
@@ -32,7 +36,7 @@ from router.request import Constraints, ControlInput, ImageRequest, LoraRef
 from router.result import Attempt, Cost, GeneratedImage, GenerationResult, Latency
 
 if TYPE_CHECKING:
-    from router.ledger import Budget, Ledger
+    from router.ledger import Budget, Ledger, LedgerBackend, open_ledger
     from router.logs import JsonFormatter
     from router.provenance import read_provenance
     from router.router import AsyncRouter, Router, agenerate, generate
@@ -44,6 +48,8 @@ _LAZY = {
     "agenerate": "router.router",
     "Ledger": "router.ledger",
     "Budget": "router.ledger",
+    "LedgerBackend": "router.ledger",
+    "open_ledger": "router.ledger",
     "JsonFormatter": "router.logs",
     "read_provenance": "router.provenance",
 }
@@ -69,6 +75,8 @@ __all__ = [
     "AuthenticationError",
     "Budget",
     "BudgetExceeded",
+    "CatalogError",
+    "ConfigurationError",
     "Constraints",
     "ContentPolicyError",
     "ControlInput",
@@ -81,11 +89,14 @@ __all__ = [
     "InsufficientCredits",
     "InvalidRequestError",
     "JsonFormatter",
+    "KeyFileError",
     "Latency",
     "Ledger",
+    "LedgerBackend",
     "LoraRef",
     "MalformedResponse",
     "NoRouteError",
+    "PolicyFileError",
     "ProgressEvent",
     "ProviderTimeout",
     "ProviderUnavailable",
@@ -94,5 +105,6 @@ __all__ = [
     "Router",
     "agenerate",
     "generate",
+    "open_ledger",
     "read_provenance",
 ]
