@@ -201,8 +201,8 @@ def test_router_kwargs_from_env_takes_sandbox() -> None:
 
 
 def test_attached_providers_refuse_a_url_that_is_not_on_loopback() -> None:
-    env = {SANDBOX_ENV: "attach", "OPENAI_BASE_URL": "https://api.openai.com/v1", "OPENAI_API_KEY": "sk-real-key-1234",
-           "BFL_BASE_URL": "http://127.0.0.1:9/"}
+    env = {SANDBOX_ENV: "attach", "OPENAI_BASE_URL": "https://images.example.invalid/v1",
+           "OPENAI_API_KEY": "sk-real-key-1234", "BFL_BASE_URL": "http://127.0.0.1:9/"}
     providers = {p.name: p for p in providers_from_env(env)}
     openai = providers["openai"]
     assert isinstance(openai, UnavailableProvider) and openai.models() == ()
