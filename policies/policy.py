@@ -17,6 +17,8 @@ A policy file is YAML or TOML with the same fields as :class:`Policy`::
       - {limit_usd: 5, period: day, tag: team-a}
     prices:
       "openai/gpt-image-2": {image_output_per_mtok: "28.00"}
+    profiles_file: calibrated.toml   # skill profiles measured by `pixroute eval --calibrate`, relative to
+                                     # this file; inline `profiles:` entries win over it per model and skill
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ def policy_from_dict(raw: dict[str, Any], *, source: str = "policy") -> Policy:
         if "weights" in raw and "weights" in base:
             raw["weights"] = base["weights"] | raw["weights"]
     raw.setdefault("name", Path(source).stem)
+    if "profiles_file" in raw:  # measured profiles (router.calibrate), the policy's inline ones over them
+        from router.profiles import profiles_from_file
+
+        raw["profiles"] = profiles_from_file(raw.pop("profiles_file"), raw.get("profiles"), policy_source=source)
     try:
         return Policy.model_validate(base | raw)
     except ValidationError as exc:

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -58,6 +59,7 @@ from router.fetch import SafeFetcher
 from router.geometry import SizePlan, SizeRules, parse_ratio
 from router.images import ab64, amask_png, image_size, load_bytes, mask_to_white_repaint
 from router.prices import PriceRow, PriceTable
+from router.progress import StatusReporter
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
@@ -70,6 +72,8 @@ MODELS = ("flux-pro-1.1", "flux-kontext-pro", "flux-pro-1.0-fill", "flux-pro-1.1
 _OPTIONS = frozenset({"safety_tolerance", "output_format", "prompt_upsampling", "raw"})
 _FORMATS = frozenset({"png", "jpeg"})
 _MODERATED = ("Request Moderated", "Content Moderated")
+# The task statuses (StatusResponse.status in tests/specs/bfl.openapi.json) as progress statuses.
+_PROGRESS = {"Pending": "pending", "Ready": "succeeded"}
 MEGAPIXEL = 1024 * 1024  # FLUX.2 prices "1MP" at the 1024 x 1024 default (https://docs.bfl.ai/quick_start/pricing)
 _TRANSIENT = (RateLimited, ProviderUnavailable, ProviderTimeout)
 
@@ -517,7 +521,7 @@ class BFLProvider(Provider):
             raise MalformedResponse(
                 "polling_url points outside the API's hosts; not sent the key", provider=self.name, request_id=task_id
             )
-        polled = await self._until_ready(client, polling_url, task_id)
+        polled = await self._until_ready(client, polling_url, task_id, StatusReporter(self.name, model, time.monotonic))
         # Ready: BFL has billed the task ("Only successful generations (status: Ready) consume credits",
         # https://help.bfl.ai/articles/4212278032-my-prompt-is-getting-moderated). From here on every failure
         # carries this bill, and nothing re-submits the task.
@@ -545,10 +549,12 @@ class BFLProvider(Provider):
         )
         return task_id, image
 
-    async def _until_ready(self, client: httpx.AsyncClient, polling_url: str, task_id: str) -> dict[str, Any]:
+    async def _until_ready(self, client: httpx.AsyncClient, polling_url: str, task_id: str,
+                           report: StatusReporter) -> dict[str, Any]:
         """Poll until the task is Ready. A transient poll failure is polled again (the task runs on: resubmitting
         could pay twice); Error, moderation and a lost task end it, unbilled (help.bfl.ai article above)."""
         misses = 0
+        report("queued", "submitted", task_id)
         while True:
             await asyncio.sleep(self._poll_interval_s)
             try:
@@ -560,6 +566,8 @@ class BFLProvider(Provider):
                 continue
             misses = 0
             status = polled.get("status")
+            # "Pending" covers both waiting and running: BFL does not tell them apart
+            report(_PROGRESS.get(str(status), "failed"), str(status)[:40], task_id)
             if status == "Ready":
                 return polled
             if status == "Pending":

@@ -77,7 +77,7 @@ from router.errors import (
 from router.geometry import SizeRules, plan_size
 from router.images import decode, encode, load_bytes, mask_to_alpha_repaint, mask_to_white_repaint
 from router.prices import PriceTable
-from router.progress import ProgressCallback, ProgressEvent, current_sink
+from router.progress import ProgressCallback, ProgressEvent, StatusReporter, current_sink
 from router.request import CONTROL_KINDS, ImageRequest, Task
 from router.result import GeneratedImage
 
@@ -1034,6 +1034,8 @@ class ComfyUIProvider(Provider):
         """Read the websocket until the prompt ends; poll the history if the socket goes away."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        report = StatusReporter(self.name, model, loop.time)
+        report("queued", "queued", run.prompt_id)
         while not run.done:
             left = deadline - loop.time()
             if left <= 0:
@@ -1061,6 +1063,7 @@ class ComfyUIProvider(Provider):
                 continue
             if kind == "execution_start":
                 run.started_at, run.start_ts = loop.time(), _int(data.get("timestamp"))
+                report("running", kind, run.prompt_id)
             elif kind == "executing" and data.get("node") is not None:
                 run.executed += 1
             elif kind == "execution_cached":
@@ -1073,11 +1076,13 @@ class ComfyUIProvider(Provider):
                 run.outputs[str(data.get("node"))] = data.get("output")
             elif kind == "execution_success":
                 run.succeeded, run.end_ts, run.ended_at = True, _int(data.get("timestamp")), loop.time()
+                report("succeeded", kind, run.prompt_id)
             elif kind == "executing" and data.get("node") is None:
                 run.done = True  # after the history is written (main.py prompt_worker)
                 run.ended_at = run.ended_at or loop.time()
             elif kind in ("execution_error", "execution_interrupted"):
                 run.done, run.end_ts, run.ended_at = True, _int(data.get("timestamp")), loop.time()
+                report("failed", kind, run.prompt_id)
                 raise charged(self._execution_error(kind, data, run), self._billing(run, loop.time(), failed=kind))
 
     def _execution_error(self, kind: str, data: Mapping[str, Any], run: _Run) -> ImageRouterError:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import io
 import math
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ from router.images import (
     mask_to_alpha_repaint,
 )
 from router.prices import PriceRow, PriceTable
+from router.progress import PartialImage, ProgressCallback, current_sink
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -226,6 +229,12 @@ class OpenAIProvider(Provider):
         }
         headers = {"Idempotency-Key": request.idempotency_key} if request.idempotency_key else None
         client = self._client(self._region(request))
+        sink = current_sink()
+        if request.partial_images and request.n == 1 and sink is not None:
+            # Streamed: partial images as progress events. One image only: with several, the reference does not
+            # say whether each completed event's usage is that image's or the whole request's.
+            params |= {"stream": True, "partial_images": request.partial_images}
+            return await self._streamed(client, request, params, headers, timeout_s, sink)
         try:
             if request.init_image is None:
                 raw = await client.images.with_raw_response.generate(**params, timeout=timeout_s, extra_headers=headers)
@@ -248,6 +257,40 @@ class OpenAIProvider(Provider):
                 status_code=raw.status_code,
                 request_id=request_id,
             ) from None
+        return await self._response(body, request_id, model, request.output_format)
+
+    async def _streamed(self, client: openai.AsyncOpenAI, request: ImageRequest, params: dict[str, Any],
+                        headers: dict[str, str] | None, timeout_s: float, sink: ProgressCallback) -> ProviderResponse:
+        """One image made with ``stream: true``: each ``*.partial_image`` event goes to ``sink`` as a
+        :class:`PartialImage`; the ``*.completed`` event holds the image and the usage billed (events:
+        ImageGenPartialImageEvent / ImageGenCompletedEvent, https://platform.openai.com/docs/api-reference/images-streaming)."""
+        model = params["model"]
+        final: Any = None
+        request_id: str | None = None
+        try:
+            if request.init_image is None:
+                raw = await client.images.with_raw_response.generate(**params, timeout=timeout_s, extra_headers=headers)
+            else:
+                files = await self._edit_files(request)
+                raw = await client.images.with_raw_response.edit(**params, **files, timeout=timeout_s,
+                                                                 extra_headers=headers)
+            request_id = raw.headers.get("x-request-id")
+            async for event in await _parsed(raw):
+                kind = str(getattr(event, "type", ""))
+                if kind.endswith(".partial_image"):
+                    data = await ab64decode(getattr(event, "b64_json", "") or "", what="partial image")
+                    sink(PartialImage(self.name, model, int(getattr(event, "partial_image_index", 0) or 0), data,
+                                      _MIME.get(str(getattr(event, "output_format", "png")), "image/png")))
+                elif kind.endswith(".completed"):
+                    final = event
+        except ImageRouterError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, self.name) from None
+        if final is None:
+            raise MalformedResponse("the event stream ended without a completed event", provider=self.name,
+                                    status_code=200, request_id=request_id)
+        body = types.SimpleNamespace(data=[final], usage=getattr(final, "usage", None))
         return await self._response(body, request_id, model, request.output_format)
 
     async def _edit_files(self, request: ImageRequest) -> dict[str, Any]:
@@ -452,3 +495,9 @@ def _map_error(exc: Exception, provider: str) -> ImageRouterError:
     import openai
 
     return sdk_error(exc, provider, openai, _openai_kind)
+
+
+async def _parsed(raw: Any) -> Any:
+    """The SDK's parsed answer of a raw response (its parse is a coroutine in some versions)."""
+    parsed = raw.parse()
+    return await parsed if inspect.isawaitable(parsed) else parsed

@@ -19,6 +19,10 @@ BUILTIN: dict[str, str] = {
     "replicate": "providers.replicate:ReplicateProvider",
     "together": "providers.together:TogetherProvider",
     "bfl": "providers.bfl:BFLProvider",
+    "google": "providers.google:GoogleProvider",
+    "xai": "providers.xai:XAIProvider",
+    "fal": "providers.fal:FalProvider",
+    "ideogram": "providers.ideogram:IdeogramProvider",
     "local": "providers.local.provider:LocalProvider",
     "comfyui": "providers.comfyui:ComfyUIProvider",
 }

@@ -77,6 +77,7 @@ from router.images import (
     sniff_mime,
 )
 from router.prices import PriceTable
+from router.progress import StatusReporter
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -107,6 +108,8 @@ _OPTIONS = frozenset(
 # Source: Replicate's OpenAPI document https://api.replicate.com/openapi.json (vendored as
 # tests/specs/replicate.openapi.json), schemas_prediction_response.status.
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+_STATUS = {"starting": "queued", "processing": "running", "succeeded": "succeeded"}
+"""Replicate's prediction statuses as progress statuses (the rest: ``failed``); same reference as above."""
 
 # Replicate's prediction error codes (``E####`` in the error text), checked before any keyword.
 # https://replicate.com/docs/reference/error-codes documents the format and E1000 (unknown error), E1001 (model
@@ -583,8 +586,14 @@ class ReplicateProvider(Provider):
             create = client.models.predictions.async_create(model=entry.ref, input=inp, wait=wait)
         prediction = _prediction(await self._call(create, None), self.name, None)
         pid: str = prediction["id"]
+        report = StatusReporter(self.name, model, time.monotonic)
         failed_polls = 0
-        while prediction["status"] not in _TERMINAL:
+        while True:
+            vendor_status = prediction["status"]
+            report(_STATUS.get(vendor_status, "failed" if vendor_status in _TERMINAL else "running"), vendor_status,
+                   pid)
+            if prediction["status"] in _TERMINAL:
+                break
             now = time.monotonic()
             if now >= deadline:
                 final = await self._cancel(client, pid)

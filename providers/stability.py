@@ -55,6 +55,7 @@ from router.images import (
     mask_to_white_repaint,
 )
 from router.prices import PriceTable
+from router.progress import StatusReporter
 from router.request import ImageRequest
 from router.result import GeneratedImage
 
@@ -416,6 +417,8 @@ class StabilityProvider(Provider):
                 job_id = job.get("id")
                 if not isinstance(job_id, str) or not job_id:
                     raise MalformedResponse("async job answer has no id", provider=self.name)
+                report = StatusReporter(self.name, UPSCALE_MODELS[2], loop.time)  # the one model that polls
+                report("queued", "submitted", job_id)
                 while True:
                     left = deadline - loop.time()
                     if left <= 0:
@@ -428,7 +431,10 @@ class StabilityProvider(Provider):
                             f"job {job_id}: result expired or unknown (HTTP 404)", provider=self.name, status_code=404
                         )
                     if response.status_code != 202:
+                        report("succeeded" if response.status_code == 200 else "failed",
+                               f"HTTP {response.status_code}", job_id)
                         break
+                    report("pending", "HTTP 202 (in progress)", job_id)
                     await asyncio.sleep(min(self._poll_interval_s, max(0.0, deadline - loop.time())))
         except ImageRouterError:
             raise

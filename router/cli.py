@@ -138,25 +138,67 @@ def _lora(spec: str) -> dict[str, Any]:
 
 
 class _ProgressBar:
-    """A one-line progress bar on stderr for backends that report denoising steps."""
+    """Progress on stderr: a redrawn bar for denoising steps on a terminal, else one line per 10 % of the
+    steps; one line for each fallback, failed attempt, vendor status change and partial image."""
 
-    def __init__(self, stream: Any = None, width: int = 30) -> None:
+    def __init__(self, stream: Any = None, width: int = 30, *, terminal: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.width = width
-        self.shown = False
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.shown = False  # a bar is on the current line
+        self._tenths = -1
+        self._failed: Any = None  # the last failed attempt, told when the router falls back from it
 
     def __call__(self, event: Any) -> None:
-        filled = int(self.width * event.fraction)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{event.provider}/{event.model} [{bar}] {event.step}/{event.total} "
-                          f"{event.elapsed_s:.1f}s")
+        kind = getattr(event, "kind", "")
+        if kind == "step":
+            self._step(event)
+            return
+        line = self._line(event)
+        if line:
+            self.close()
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def _step(self, event: Any) -> None:
+        where = f"{event.provider}/{event.model}"
+        if self.terminal:
+            filled = int(self.width * event.fraction)
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r{where} [{bar}] {event.step}/{event.total} {event.elapsed_s:.1f}s")
+            self.shown = True
+        else:
+            tenths = int(event.fraction * 10)
+            if tenths == self._tenths:
+                return
+            self._tenths = tenths
+            self.stream.write(f"{where}: {tenths * 10}% (step {event.step}/{event.total}, "
+                              f"{event.elapsed_s:.1f}s)\n")
         self.stream.flush()
-        self.shown = True
+
+    def _line(self, event: Any) -> str | None:
+        kind = getattr(event, "kind", "")
+        if kind == "attempt_started":
+            self._tenths = -1
+            return None
+        if kind == "attempt_failed":  # told with the fallback, if there is one; else the error line says it
+            self._failed = event
+            return None
+        if kind == "fell_back":
+            why = f" after {self._failed.error}" if self._failed is not None else ""
+            return (f"{event.from_provider}/{event.from_model} failed{why}; "
+                    f"falling back to {event.to_provider}/{event.to_model}")
+        if kind == "status":
+            return f"{event.provider}/{event.model}: {event.status} ({event.vendor_status}, {event.elapsed_s:.1f}s)"
+        if kind == "partial_image":
+            return f"{event.provider}/{event.model}: preview {event.index + 1}"
+        return None
 
     def close(self) -> None:
         if self.shown:
             self.stream.write("\n")
             self.stream.flush()
+            self.shown = False
 
 
 class UsageError(Exception):
@@ -200,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out", help="directory for the images (default: ./out)")
     gen.add_argument("--no-metadata", action="store_true", help="save without provenance metadata")
     gen.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="a progress bar for local generations (default: when stderr is a terminal)")
+                     help="progress on stderr: a bar on a terminal, else a line per 10%% of the steps, and a "
+                          "line per fallback or vendor status (default: on, except with --json)")
     route = sub.add_parser("route", help="show where a request would go (a dry run; needs no keys: providers "
                                          "without one are ranked as if configured, and marked)",
                            parents=[common, sandboxed])
@@ -422,7 +465,7 @@ def _check_names(router: Any, kw: dict[str, Any]) -> None:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    show = ns.progress if ns.progress is not None else (sys.stderr.isatty() and not ns.json)
+    show = ns.progress if ns.progress is not None else not ns.json
     bar = _ProgressBar() if show else None
     try:
         with _router(ns) as router:

@@ -16,6 +16,9 @@ A prompt file is one prompt a line (blank lines and ``#`` comments skipped) or J
 …) go to its request, ``tag`` groups the CLIP means, and the rest is kept as metadata. The default
 is the GenEval prompts (MIT, djghosh13/geneval), read where the project keeps them.
 
+With ``--calibrate OUT.toml`` (a CLIP model is needed) the run's CLIP scores per model and prompt skill
+also become a profile override file a policy loads (:mod:`router.calibrate`).
+
 :func:`main` is the ``eval`` command's body (``main(["prompts.txt", "--policy", "cheapest"])``).
 """
 
@@ -45,6 +48,7 @@ __all__ = [
     "PolicySummary",
     "PromptCase",
     "PromptRun",
+    "ServedModel",
     "add_arguments",
     "aevaluate",
     "default_prompts",
@@ -171,6 +175,38 @@ class PromptRun:
                 "error": self.error, "message": self.message}
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A provider/model that served prompts in the run, with what its profile is looked up by: the
+    provider's kind, the model's catalog family (local models) and its quality tier (without a profile)."""
+
+    provider: str
+    kind: str
+    model: str
+    family: str | None
+    quality: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "kind": self.kind, "model": self.model, "family": self.family,
+                "quality": self.quality}
+
+
+def _served(providers: dict[str, Any], runs: Sequence[PromptRun]) -> dict[str, ServedModel]:
+    """``provider/model`` → :class:`ServedModel` for every pair that served a prompt."""
+    out: dict[str, ServedModel] = {}
+    for r in runs:
+        if not r.ok or r.provider is None or r.model is None or f"{r.provider}/{r.model}" in out:
+            continue
+        provider = providers.get(r.provider)
+        if provider is None:
+            continue
+        catalog = getattr(provider, "catalog", None)
+        family = str(catalog.get(r.model).family) if catalog is not None and r.model in catalog else None
+        out[f"{r.provider}/{r.model}"] = ServedModel(r.provider, str(provider.kind), r.model, family,
+                                                     float(provider.capabilities(r.model).quality))
+    return out
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile with linear interpolation between ranks (numpy's default)."""
     ordered = sorted(values)
@@ -258,6 +294,7 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     caption: str | None = None  # a line shown under the report's title and the plot's (e.g. "random weights")
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    served: dict[str, ServedModel] = field(default_factory=dict)  # "provider/model" → kind, family, quality
 
     def summary(self, policy: str) -> PolicySummary:
         return PolicySummary.of(policy, [r for r in self.runs if r.policy == policy])
@@ -266,6 +303,7 @@ class EvalReport:
         return {"created": self.created, "caption": self.caption, "backend": self.backend,
                 "prompts": self.prompts_source, "clip": self.clip, "notes": self.notes,
                 "policies": {p: self.summary(p).to_dict() for p in self.policies},
+                "models": {k: v.to_dict() for k, v in self.served.items()},
                 "runs": [r.to_dict() for r in self.runs]}
 
     def to_markdown(self) -> str:
@@ -366,6 +404,7 @@ async def aevaluate(prompts: Sequence[PromptCase], policies: Sequence[str], *, p
                 for r, v in zip(scored, values, strict=True):
                     r.clip = v
             runs.extend(policy_runs)
+        served = _served(dict(getattr(router, "providers", {}) or {}), runs)
     finally:
         if owned:
             await router.aclose()
@@ -376,7 +415,7 @@ async def aevaluate(prompts: Sequence[PromptCase], policies: Sequence[str], *, p
         notes.append("sandbox backends: the images are the sandboxes' placeholders and the costs are the price "
                      "table's; nothing was billed")
     return EvalReport(policies=list(policies), runs=runs, backend=backend, prompts_source=source,
-                      clip=str(scorer.path) if scorer is not None else None, notes=notes)
+                      clip=str(scorer.path) if scorer is not None else None, notes=notes, served=served)
 
 
 def evaluate(prompts: Sequence[PromptCase], policies: Sequence[str], **kw: Any) -> EvalReport:
@@ -473,6 +512,13 @@ def add_arguments(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-images", action="store_true", help="also write each prompt's image")
     p.add_argument("--caption", help="a line shown under the report's and the plot's title")
+    p.add_argument("--calibrate", metavar="OUT.toml",
+                   help="also write the run's CLIP scores per model and prompt skill as a profile override file "
+                        "(needs --clip); a policy file loads it with profiles_file: OUT.toml")
+    p.add_argument("--calibrate-min", type=int, default=None, metavar="N",
+                   help="prompts of a skill a model must have served for that skill to be calibrated (default 10)")
+    p.add_argument("--calibrate-method", choices=("minmax", "rank"), default="minmax",
+                   help="how mean CLIP scores map onto the published scale (see router/calibrate.py)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print the JSON report")
 
@@ -480,6 +526,12 @@ def add_arguments(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None
 def run_args(ns: argparse.Namespace, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run the ``eval`` command for parsed arguments; return the exit code (0: every request served)."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    calibrate_to = getattr(ns, "calibrate", None)
+    minimum = getattr(ns, "calibrate_min", None)
+    if calibrate_to and not ns.clip:
+        raise ConfigurationError("--calibrate needs CLIP scores: give --clip, a local CLIP model directory")
+    if minimum is not None and minimum < 1:
+        raise RequestValidationError([("calibrate-min", "use 1 or more")])
     source = Path(ns.prompts) if ns.prompts else default_prompts()
     prompts = load_prompts(source, limit=ns.limit)
     policies = ns.policies or ["cheapest", "balanced", "quality"]
@@ -501,11 +553,22 @@ def run_args(ns: argparse.Namespace, *, stdout: TextIO | None = None, stderr: Te
                       defaults={"width": ns.width, "height": ns.height, "seed": ns.seed}, source=str(source))
     report.caption = ns.caption
     paths = write_report(report, ns.out, save_images=ns.save_images)
+    calibration = None
+    if calibrate_to:
+        from router.calibrate import DEFAULT_MIN_PROMPTS, calibrate
+
+        calibration = calibrate(report, min_prompts=minimum or DEFAULT_MIN_PROMPTS, method=ns.calibrate_method)
+        paths["calibration"] = calibration.write(calibrate_to)
     if ns.json:
-        json.dump(report.to_dict() | {"files": {k: str(v) for k, v in paths.items()}}, stdout, indent=2)
+        extra: dict[str, Any] = {"files": {k: str(v) for k, v in paths.items()}}
+        if calibration is not None:
+            extra["calibration"] = calibration.to_dict()
+        json.dump(report.to_dict() | extra, stdout, indent=2)
         stdout.write("\n")
     else:
         stdout.write(report.to_markdown())
+        if calibration is not None:
+            stdout.write("\n" + calibration.to_markdown())
         stdout.write("\n" + "\n".join(f"wrote {v}" for v in paths.values()) + "\n")
     return 0 if all(r.ok for r in report.runs) else 1
 

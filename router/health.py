@@ -1,9 +1,13 @@
-"""Per-provider circuit breakers: stop calling a provider that keeps failing, probe it later."""
+"""Per-provider circuit breakers: stop calling a provider that keeps failing, probe it later.
+
+:class:`CircuitBreaker` is the in-process implementation of :class:`router.state.Breaker`; the shared one
+(every process of a fleet sees the same circuits) is :class:`router.state.redis_state.RedisBreaker`.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +26,9 @@ class CircuitBreaker:
     ``cooldown_s``; then one probe is let through (half-open): success closes it, failure
     reopens it. Only the provider's own faults count (5xx, timeouts, malformed bodies),
     never errors caused by the request.
+
+    The ``a``-prefixed coroutines are the :class:`router.state.Breaker` protocol (the same calls, awaited,
+    so the router treats this breaker and the shared one alike).
     """
 
     def __init__(
@@ -68,3 +75,24 @@ class CircuitBreaker:
         c = self._circuits.get(provider)
         if c is not None:
             c.probing = False
+
+    # --- the router.state.Breaker protocol ---------------------------------------------
+
+    async def arefresh(self, providers: Iterable[str]) -> None:
+        """Nothing to read: this breaker's state is all here."""
+
+    async def abefore_call(self, provider: str) -> bool:
+        return self.before_call(provider)
+
+    async def arecord_success(self, provider: str) -> None:
+        self.record_success(provider)
+
+    async def arecord_failure(self, provider: str) -> None:
+        self.record_failure(provider)
+
+    async def arelease(self, provider: str) -> None:
+        self.release(provider)
+
+    def release_soon(self, provider: str) -> None:
+        """:meth:`release` from a path that may not await (cancellation)."""
+        self.release(provider)

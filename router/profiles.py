@@ -15,22 +15,50 @@ Users override any of it from their policy file, in the shape of price overrides
     profiles:
       "openai/gpt-image-2": {skills: {text: 0.9}}
       "local/my-finetune": {model: flux.1-dev, skills: {photorealism: 0.9}}
+
+or keep the overrides in a file of their own, as ``pixroute eval --calibrate`` writes them from the
+user's measured CLIP scores (:mod:`router.calibrate`), and name it in the policy file::
+
+    extends: balanced
+    profiles_file: calibrated.toml     # relative to the policy file
+
+An override file is TOML: ``[profiles."<kind>/<model>"]`` tables in the override shape above (each value a
+number or an evidence table of ``value``, ``source``, ``date``, ``verified``, ``note``), and an optional
+``[calibration]`` table saying how the values were measured (read by people, not by the router).
+:func:`load_profile_overrides` reads and checks it; :func:`profiles_from_file` layers a policy's inline
+``profiles`` over it. The merge is per model and skill: an override replaces the value of the skills it
+names for the model it names, and every other model and skill keeps its published value.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from importlib.abc import Traversable
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from policies.skills import SKILLS, Profile, ProfileError
+from router.errors import PolicyFileError
 
-__all__ = ["ProfileTable", "default_profiles", "load_profiles", "profile_for"]
+__all__ = [
+    "OVERRIDE_TABLES",
+    "ProfileTable",
+    "default_profiles",
+    "load_profile_overrides",
+    "load_profiles",
+    "merge_overrides",
+    "profile_for",
+    "profiles_from_file",
+]
+
+OVERRIDE_TABLES = frozenset({"calibration", "profiles"})
+"""The top-level tables an override file may hold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +186,70 @@ def profile_for(provider: Any, model: str, table: ProfileTable | None = None) ->
     if catalog is not None and model in catalog:
         family = str(catalog.get(model).family)
     return table.get(str(provider.kind), model, family)
+
+
+# --- override files ------------------------------------------------------------------------
+
+
+def load_profile_overrides(path: str | os.PathLike[str], *,
+                           table: ProfileTable | None = None) -> dict[str, dict[str, Any]]:
+    """The ``[profiles]`` of an override file, in the policy-file override shape, checked against ``table``
+    (default: the shipped one) so a wrong entry fails here, naming the file and the field.
+
+    Raises :class:`~router.errors.PolicyFileError` for a file that is missing, not TOML, or holds a table,
+    key, skill or value the profiles do not have.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyFileError(f"{p}: cannot read the profile override file ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyFileError(f"{p}: not a TOML profile override file ({exc})") from None
+    unknown = set(doc) - OVERRIDE_TABLES
+    if unknown:
+        raise PolicyFileError(f"{p}: unknown tables {sorted(unknown)}; an override file holds "
+                              f"{' and '.join(sorted(OVERRIDE_TABLES))}")
+    for name in OVERRIDE_TABLES & set(doc):
+        if not isinstance(doc[name], Mapping):
+            raise PolicyFileError(f"{p}: {name} must be a table")
+    overrides = {str(k): v for k, v in doc.get("profiles", {}).items()}
+    try:
+        (table or default_profiles()).with_overrides(overrides)
+    except ProfileError as exc:
+        raise PolicyFileError(f"{p}: {exc}") from None
+    return overrides
+
+
+def merge_overrides(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Profile overrides layered in order, a later layer winning per model and, within a model, per
+    skill (and for ``overall``, ``model`` and ``family``)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        if not isinstance(layer, Mapping):
+            raise ProfileError(f"profiles: a table of '<provider kind>/<model>' entries, got {layer!r}")
+        for key, raw in layer.items():
+            if not isinstance(raw, Mapping):
+                raise ProfileError(f"profiles.{key}: a table of model, overall and skills")
+            entry = merged.setdefault(key, {})
+            for field_name, value in raw.items():
+                if field_name == "skills" and isinstance(value, Mapping) and isinstance(entry.get("skills"), Mapping):
+                    entry["skills"] = {**entry["skills"], **value}
+                else:
+                    entry[field_name] = dict(value) if isinstance(value, Mapping) else value
+    return merged
+
+
+def profiles_from_file(file: str | os.PathLike[str], inline: Mapping[str, Mapping[str, Any]] | None = None, *,
+                       policy_source: str = "policy") -> dict[str, dict[str, Any]]:
+    """A policy's ``profiles``: the override file ``file`` (a path relative to the policy file
+    ``policy_source``) with the policy's own ``inline`` overrides over it, per model and skill."""
+    if not isinstance(file, (str, os.PathLike)) or not str(file).strip():
+        raise PolicyFileError(f"{policy_source}: profiles_file: the path of a profile override file, got {file!r}")
+    path = Path(file)
+    if not path.is_absolute():
+        path = Path(policy_source).parent / path
+    try:
+        return merge_overrides(load_profile_overrides(path), inline or {})
+    except ProfileError as exc:
+        raise PolicyFileError(f"{policy_source}: {exc}") from None

@@ -199,6 +199,10 @@ class ImageRequest(_Model):
     ip_adapter: IPAdapterInput | None = None
     """An IP-Adapter steering the image toward a reference image (local backend)."""
     upscale: float | None = Field(None, gt=1.0, le=8.0)
+    partial_images: int = Field(0, ge=0, le=3)
+    """Previews to send as :class:`~router.progress.PartialImage` events while the image is made (0–3): OpenAI
+    streams them; the local backend decodes its latents with a configured preview autoencoder. A preview
+    is a progress event, never part of the result; backends that cannot make them ignore it."""
     model: str | None = None
     provider: str | None = None
     constraints: Constraints = Constraints()

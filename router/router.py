@@ -19,7 +19,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -50,7 +50,16 @@ from router.health import CircuitBreaker
 from router.ledger import Budget, LedgerBackend, Reservation, open_ledger
 from router.logs import install_redaction
 from router.profiles import ProfileTable, default_profiles, profile_for
-from router.progress import ProgressCallback, reporting_to
+from router.progress import (
+    AttemptFailed,
+    AttemptStarted,
+    Completed,
+    FellBack,
+    ProgressCallback,
+    Routed,
+    current_sink,
+    reporting_to,
+)
 from router.request import ImageRequest
 from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
 from router.telemetry import Tracing
@@ -274,8 +283,10 @@ class AsyncRouter:
                         on_progress: ProgressCallback | None = None, **kw: Any) -> GenerationResult:
         """Generate images for ``request`` (or a prompt and request fields as keywords).
 
-        ``on_progress`` receives a :class:`~router.progress.ProgressEvent` per denoising step from
-        backends that report steps (the local one); it runs on the backend's thread.
+        ``on_progress`` receives the request's progress events (:mod:`router.progress`): the route,
+        each attempt, a polled vendor's status, denoising steps and partial images where the backend
+        reports them. It may run on a backend's thread; :meth:`astream` gives the same events as an
+        async iterator.
         """
         if on_progress is not None:
             with reporting_to(on_progress):
@@ -301,6 +312,8 @@ class AsyncRouter:
                 self._tracing.routed(span, len(decision.chain))
                 if not decision.chain:
                     raise _refusal(req, decision, request_id)
+                if walk.sink is not None:
+                    walk.sink(Routed(request_id, pol.name, tuple(f"{c.provider}/{c.model}" for c in decision.chain)))
                 if decision.residency is not None and decision.residency != req.constraints.residency:
                     # A policy's residency must reach the providers too: they pick regional hosts from it.
                     constraints = req.constraints.model_copy(update={"residency": decision.residency})
@@ -315,6 +328,38 @@ class AsyncRouter:
                 raise
             finally:
                 self._spent += walk.billed
+
+    async def astream(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
+                      **kw: Any) -> AsyncGenerator[Any, None]:
+        """Generate like :meth:`agenerate`, yielding the request's progress events as they happen and then
+        :class:`~router.progress.Completed` with the result (an error is raised after the events before it).
+
+            async for event in router.astream("a fox", partial_images=2):
+                if event.kind == "partial_image": show(event.data)
+                elif event.kind == "completed": result = event.result
+
+        Closing the iterator cancels the request: leave a loop early inside
+        ``async with contextlib.aclosing(router.astream(...)) as events:``.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(event: Any) -> None:  # from the loop or from a backend's thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        task = asyncio.create_task(self.agenerate(request, policy=policy, on_progress=put, **kw))
+        task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, _END))
+        try:
+            while (event := await queue.get()) is not _END:
+                yield event
+            yield Completed(task.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            elif not task.cancelled():
+                task.exception()  # retrieved: raised above or seen by the caller
 
     async def aclose(self) -> None:
         for priced in self._priced.values():
@@ -340,6 +385,10 @@ class AsyncRouter:
         base, cap = self.backoff
         ceiling = min(cap, base * 2 ** (calls - 1))
         return ceiling * (0.5 + 0.5 * self._rng())
+
+
+_END = object()
+"""The end of :meth:`AsyncRouter.astream`'s queue."""
 
 
 def _refusal(request: ImageRequest, decision: RoutingDecision, request_id: str) -> ImageRouterError:
@@ -574,6 +623,8 @@ class _Walk:
         self.billed = Decimal(0)
         self.calls = 0
         self.timed_out: set[str] = set()  # backends that timed out in this request: their other models are skipped
+        self.sink = current_sink()
+        self._last_tried: RankedCandidate | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.r._clock()
@@ -710,6 +761,11 @@ class _Walk:
     async def _attempt(self, provider: Provider, cand: RankedCandidate, rank: int, retry: int) -> ProviderResponse:
         """One call of ``provider`` in its own attempt span."""
         self.calls += 1
+        if self.sink is not None:
+            last, self._last_tried = self._last_tried, cand
+            if last is not None and last is not cand:
+                self.sink(FellBack(last.provider, last.model, cand.provider, cand.model))
+            self.sink(AttemptStarted(cand.provider, cand.model, rank, retry))
         tracing = self.r._tracing
         with tracing.attempt(
             provider=provider.name, provider_kind=provider.kind, model=cand.model, request_id=self.request_id,
@@ -767,6 +823,8 @@ class _Walk:
             else:
                 r.breaker.release(provider.name)
             self._record(cand, "error", r._clock() - t0, error=exc, retry=retry, cost=cost)
+            if self.sink is not None:
+                self.sink(AttemptFailed(cand.provider, cand.model, exc.kind, exc.message, retry, cost))
             raise
         except asyncio.CancelledError as exc:
             if reservation is not None and _HEDGED in exc.args:
@@ -864,10 +922,10 @@ class _Walk:
             price_table_version=billing.price_table_version,
             details=billing.details,
         )
-        images = [dataclasses.replace(img, provenance=provenance.build(
+        images = [dataclasses.replace(img, provenance={**(img.provenance or {}), **provenance.build(
             self.request, img, provider=cand.provider, model=response.model, cost=cost, request_id=self.request_id,
             policy=self.policy.name, provider_request_id=response.provider_request_id,
-        )) for img in response.images]
+        )}) for img in response.images]
         self.r._tracing.request_done(
             self.span, provider=cand.provider, provider_kind=self.providers[cand.provider].kind,
             model=response.model, rank=rank, attempts=self.attempts, estimated_usd=cand.estimate.cost_usd,
@@ -892,6 +950,10 @@ class _Walk:
             request_id=self.request_id,
             provider_request_id=response.provider_request_id,
         )
+
+
+async def _next_of(events: AsyncIterator[T]) -> T:
+    return await anext(events)
 
 
 class _Portal:
@@ -953,6 +1015,20 @@ class Router:
 
     def generate(self, request: ImageRequest | str, **kw: Any) -> GenerationResult:
         return _portal().call(self._async.agenerate(request, **kw))
+
+    def stream(self, request: ImageRequest | str, **kw: Any) -> Iterator[Any]:
+        """:meth:`AsyncRouter.astream` for sync code: the progress events, then ``Completed(result)``."""
+        portal = _portal()
+        events = self._async.astream(request, **kw)
+        try:
+            while True:
+                try:
+                    event = portal.call(_next_of(events))
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            portal.call(events.aclose())
 
     def close(self) -> None:
         _portal().call(self._async.aclose())

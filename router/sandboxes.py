@@ -81,6 +81,12 @@ _VENDORS: tuple[_Vendor, ...] = (
             downloads=True),
     _Vendor("bfl", "BFLSandbox", "BFL_BASE_URL", "BFL_API_KEY", "bfl-FAKE-sandbox-key",
             region_module="providers.bfl:REGION_HOSTS", provider_kw={"poll_interval_s": 0.05}, downloads=True),
+    _Vendor("google", "GoogleSandbox", "GOOGLE_GEMINI_BASE_URL", "GEMINI_API_KEY", "FAKE-sandbox-gemini-key"),
+    _Vendor("xai", "XAISandbox", "XAI_BASE_URL", "XAI_API_KEY", "xai-FAKE-sandbox-key", downloads=True),
+    _Vendor("fal", "FalSandbox", "FAL_QUEUE_URL", "FAL_KEY", "fal-FAKE-sandbox-key",
+            provider_kw={"poll_interval_s": 0.05}, downloads=True),
+    _Vendor("ideogram", "IdeogramSandbox", "IDEOGRAM_BASE_URL", "IDEOGRAM_API_KEY", "ideogram-FAKE-sandbox-key",
+            downloads=True),
     _Vendor("comfyui", "ComfyUISandbox", "IMAGEROUTER_COMFYUI_URL", url_arg="url", origin=True),
 )
 

@@ -17,6 +17,8 @@ readable at ``/docs``):
   provider, model, cost, attempts and warnings. ``response_format: "url"`` is served as ``data:`` URLs:
   this server keeps no images to link to. ``n`` and ``partial_images`` must be JSON integers, ``stream``
   a JSON boolean (``n: "2"`` and ``n: true`` are refused); in multipart they are the usual text.
+  ``stream: true`` answers with server-sent events in OpenAI's image-streaming shape (:mod:`router.sse`):
+  ``partial_images`` previews from backends that make them, then the completed images.
 - The router's own fields ride along as extra body fields (JSON values; in multipart, JSON-encoded text):
   ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``, ``scheduler``, ``aspect_ratio``,
   ``size_mode``, ``strength``, ``init_image``, ``mask_image``, ``controls``, ``loras``, ``upscale``,
@@ -107,13 +109,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import pydantic
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policies.policy import PRESETS
+from router import sse
 from router.errors import (
     AllProvidersFailed,
     AuthenticationError,
@@ -143,6 +146,7 @@ from router.images import (
 from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys, is_safety_option, option_allowed, option_entries
 from router.logs import install_redaction
 from router.metrics import ServerMetrics
+from router.progress import Completed, PartialImage
 from router.request import Constraints, ImageRequest, QualityFloor
 
 if TYPE_CHECKING:
@@ -409,8 +413,11 @@ class ImageGenerationRequest(_Body):
     size: Annotated[str | None, AfterValidator(_valid_size)] = Field(None, description="WIDTHxHEIGHT or auto")
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    stream: StrictBool | None = Field(None, description="streaming is not supported: false or absent")
-    partial_images: StrictInt | None = Field(None, ge=0, le=3, description="ignored: this server does not stream")
+    stream: StrictBool | None = Field(None, description="answer with server-sent events (OpenAI's image streaming)")
+    partial_images: StrictInt | None = Field(None, ge=0, le=3, description="previews to stream (with stream=true) "
+                                             "from backends that make them")
+    stream_events: StrictBool | None = Field(None, description="with stream=true, also send every progress event "
+                                             "(routing, attempts, vendor status, steps) as pixroute.<kind> events")
     # OpenAI's vendor settings, forwarded to the providers that declare them
     quality: str | None = None
     background: str | None = None
@@ -543,6 +550,8 @@ class _Parsed:
     notes: list[str] = field(default_factory=list)
     lora_names: dict[str, str] = field(default_factory=dict)
     """resolved path -> the name the client gave, to put back into error messages."""
+    stream: bool = False
+    stream_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -656,12 +665,12 @@ def _build(
         req = ImageGenerationRequest.model_validate(body)
     except pydantic.ValidationError as exc:
         raise _invalid(exc) from None
-    if req.stream:
-        raise APIError(400, "Streaming is not supported by this server.", param="stream", code="unsupported_value")
     notes: list[str] = []
-    if req.partial_images:
-        notes.append("partial_images ignored: this server does not stream")
     kw: dict[str, Any] = {k: v for k in _REQUEST_FIELDS if (v := getattr(req, k)) is not None}
+    if req.partial_images and req.stream:
+        kw["partial_images"] = req.partial_images
+    elif req.partial_images:
+        notes.append("partial_images ignored: they are sent only with stream=true")
     if req.constraints is not None:
         kw["constraints"] = req.constraints
 
@@ -742,7 +751,8 @@ def _build(
         raise
     except (TypeError, ValueError) as exc:  # a wrongly typed nested value the validators did not expect
         raise APIError(400, f"invalid request: {type(exc).__name__}", code="invalid_type") from None
-    return _Parsed(request, req.policy, req.response_format or "b64_json", notes, lora_names)
+    return _Parsed(request, req.policy, req.response_format or "b64_json", notes, lora_names, bool(req.stream),
+                   bool(req.stream and req.stream_events))
 
 
 def _form_value(name: str, text: str) -> Any:
@@ -1242,16 +1252,22 @@ async def _parse_json(request: Request, server: _Server, key: ServerKey | None) 
     return await asyncio.to_thread(lambda: _build(_json_object(_joined(chunks)), router, key, settings))
 
 
-async def _generate(server: _Server, parsed: _Parsed) -> Response:
+def _client_error(exc: ImageRouterError, parsed: _Parsed) -> APIError:
+    error = api_error(exc)
+    for path, name in parsed.lora_names.items():  # the client's LoRA names, not the server's paths
+        error.message = error.message.replace(path, name)
+        for rejection in error.extra.get("rejections", ()):
+            rejection["reason"] = rejection["reason"].replace(path, name)
+    return error
+
+
+async def _generate(server: _Server, parsed: _Parsed, prefix: str = "image_generation") -> Response:
+    if parsed.stream:
+        return await _streamed(server, parsed, prefix)
     try:
         result = await server.router.agenerate(parsed.request, policy=parsed.policy)
     except ImageRouterError as exc:
-        error = api_error(exc)
-        for path, name in parsed.lora_names.items():  # the client's LoRA names, not the server's paths
-            error.message = error.message.replace(path, name)
-            for rejection in error.extra.get("rejections", ()):
-                rejection["reason"] = rejection["reason"].replace(path, name)
-        raise error from None
+        raise _client_error(exc, parsed) from None
     server.metrics.observe_generation(result.provider, result.model, len(result.images), result.cost.actual_usd)
     if sum(len(img.data) for img in result.images) <= _INLINE_BYTES:
         parts = _answer_parts(result, parsed)
@@ -1261,6 +1277,47 @@ async def _generate(server: _Server, parsed: _Parsed) -> Response:
     for name, value in _headers(result, parsed.notes):
         response.headers.append(name, value)
     return response
+
+
+async def _streamed(server: _Server, parsed: _Parsed, prefix: str) -> Response:
+    """The generation as server-sent events (:mod:`router.sse`). A request refused before any event (no
+    route, a bad request) is an ordinary error answer; a failure later is an ``error`` event."""
+    events = server.router.astream(parsed.request, policy=parsed.policy)
+    try:
+        first = await anext(events)
+    except ImageRouterError as exc:
+        await events.aclose()
+        raise _client_error(exc, parsed) from None
+
+    async def body() -> AsyncIterator[bytes]:
+        event: Any = first
+        try:
+            while True:
+                if isinstance(event, PartialImage):
+                    yield await asyncio.to_thread(sse.partial_event, event, prefix)
+                elif isinstance(event, Completed):
+                    yield b"".join(await asyncio.to_thread(_completed, event.result, parsed, prefix))
+                    server.metrics.observe_generation(event.result.provider, event.result.model,
+                                                      len(event.result.images), event.result.cost.actual_usd)
+                    return
+                elif parsed.stream_events:
+                    yield sse.progress_event(event)
+                event = await anext(events)
+        except ImageRouterError as exc:
+            error = _client_error(exc, parsed)
+            yield sse.error_event({"message": error.message, "type": error.type, "param": error.param,
+                                   "code": error.code, **error.extra})
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+
+def _completed(result: GenerationResult, parsed: _Parsed, prefix: str) -> list[bytes]:
+    summary = result.to_dict()
+    summary.pop("decision", None)
+    summary["warnings"] = [*parsed.notes, *result.warnings]
+    return sse.completed_events(result, prefix, _usage(result), summary)
 
 
 api = APIRouter()
@@ -1296,7 +1353,7 @@ async def images_edits(server: Server, key: ImageClient, body: Body) -> Response
             parsed = _edit(form, router, key, settings)
         else:
             parsed = await asyncio.to_thread(_edit, form, router, key, settings)
-    return await _generate(server, parsed)
+    return await _generate(server, parsed, "image_edit")
 
 
 @api.post(

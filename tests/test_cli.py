@@ -116,6 +116,7 @@ def test_generate_on_the_local_backend_shows_progress_and_takes_controls_and_lor
 
     cn = build_controlnet(tmp_path / "cn", "sd15")
     lora = build_lora(sd15_dir, tmp_path / "lora.safetensors")
+    capsys.readouterr()  # building the fixtures prints Diffusers' loading bars; the generation prints none
     catalog = tmp_path / "models.yaml"
     catalog.write_text(f"models:\n  tiny:\n    path: {sd15_dir}\n    family: sd15\n    native: [64, 64]\n"
                        f"    min_side: 64\n    steps: 3\n    controlnets: {{canny: {cn}}}\n")
@@ -126,12 +127,33 @@ def test_generate_on_the_local_backend_shows_progress_and_takes_controls_and_lor
                  "--provider", "local", "--out", str(tmp_path / "out"), "--progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "local/tiny [" in captured.err and "4/4" in captured.err
+    assert "Loading" not in captured.err
+    # stderr is not a terminal here: a line per 10 % of the steps (4 steps: 20, 50, 70, 100 %)
+    assert [line.split(" (")[0] for line in captured.err.splitlines() if line.startswith("local/tiny: ")] == [
+        "local/tiny: 20%", "local/tiny: 50%", "local/tiny: 70%", "local/tiny: 100%"]
     assert "local/tiny: 1 image(s)" in captured.out
     from router import read_provenance
 
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert len(saved) == 1 and read_provenance(saved[0])["seed"] == 3
+
+
+def test_progress_on_a_terminal_is_one_redrawn_bar_with_lines_for_other_events() -> None:
+    import io
+
+    from router.cli import _ProgressBar
+    from router.progress import FellBack, ProgressEvent, Status
+
+    out = io.StringIO()
+    bar = _ProgressBar(out, width=4, terminal=True)
+    bar(ProgressEvent("local", "m", 1, 2, 0.5))
+    bar(ProgressEvent("local", "m", 2, 2, 1.0))
+    bar(FellBack("local", "m", "bfl", "flux-pro-1.1"))
+    bar(Status("bfl", "flux-pro-1.1", "pending", "Pending", 0.2, "t1"))
+    bar.close()
+    assert out.getvalue() == ("\rlocal/m [##..] 1/2 0.5s\rlocal/m [####] 2/2 1.0s\n"
+                              "local/m failed; falling back to bfl/flux-pro-1.1\n"
+                              "bfl/flux-pro-1.1: pending (Pending, 0.2s)\n")
 
 
 def test_serve_refuses_an_open_public_bind_and_keys_makes_a_hashed_key(

@@ -27,7 +27,7 @@ from router.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from router.progress import ProgressEvent
+from router.progress import ProgressEvent, Status
 from router.request import ImageRequest
 from router.result import GeneratedImage
 from tests.conftest import half_mask, make_router, png
@@ -180,10 +180,13 @@ async def test_txt2img_graph_end_to_end_with_gpu_seconds_billed(sb: ComfyUISandb
 
 
 async def test_progress_events_flow_from_the_websocket(sb: ComfyUISandbox) -> None:
-    events: list[ProgressEvent] = []
+    events: list[Any] = []
     async with make_router(await comfy(sb)) as router:
         await router.agenerate("a fox", model=SD15, steps=5, seed=1, on_progress=events.append)
-    assert [(e.provider, e.model, e.step, e.total) for e in events] == [("comfyui", SD15, s, 5) for s in range(1, 6)]
+    steps = [e for e in events if isinstance(e, ProgressEvent)]
+    assert [(e.provider, e.model, e.step, e.total) for e in steps] == [("comfyui", SD15, s, 5) for s in range(1, 6)]
+    statuses = [(e.status, e.vendor_status) for e in events if isinstance(e, Status)]
+    assert statuses == [("queued", "queued"), ("running", "execution_start"), ("succeeded", "execution_success")]
 
 
 async def test_img2img_uploads_the_init_image_and_denoises_by_strength(sb: ComfyUISandbox) -> None:

@@ -21,8 +21,11 @@ from router.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a sign that says OPEN, three red apples on a table"
 KEYS = {"openai": "OPENAI_API_KEY", "stability": "STABILITY_API_KEY", "replicate": "REPLICATE_API_TOKEN",
-        "together": "TOGETHER_API_KEY", "bfl": "BFL_API_KEY"}
-_SETTINGS = ("OPENAI", "STABILITY", "REPLICATE", "TOGETHER", "BFL", "IMAGEROUTER")
+        "together": "TOGETHER_API_KEY", "bfl": "BFL_API_KEY", "xai": "XAI_API_KEY", "fal": "FAL_KEY",
+        "ideogram": "IDEOGRAM_API_KEY",
+        "google": "GEMINI_API_KEY (or GOOGLE_API_KEY), or give GoogleProvider project= and locations= for Vertex AI"}
+_SETTINGS = ("OPENAI", "STABILITY", "REPLICATE", "TOGETHER", "BFL", "GEMINI", "GOOGLE", "XAI", "FAL", "IDEOGRAM",
+             "IMAGEROUTER")
 
 
 def keyless_env() -> dict[str, str]:

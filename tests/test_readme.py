@@ -38,7 +38,8 @@ NOT_RUN = {  # why each block that is not run is not (kept short; the README say
     "the tests",
 }
 _DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(skip|unconfigured|local models):\s*(.+?)\s*-->$")
-_SETTINGS = ("OPENAI_", "STABILITY_", "REPLICATE_", "TOGETHER_", "BFL_", "IMAGEROUTER_")
+_SETTINGS = ("OPENAI_", "STABILITY_", "REPLICATE_", "TOGETHER_", "BFL_", "GEMINI_", "GOOGLE_", "XAI_", "FAL_",
+             "IDEOGRAM_", "IMAGEROUTER_")
 
 
 @dataclass(frozen=True)
@@ -294,11 +295,15 @@ def test_the_readme_yaml_blocks_load_as_what_they_say() -> None:
         if "models" in data:
             kinds.append("catalog")
             assert len(Catalog.from_dict(data)) >= 1
+        elif "detectors" in data:
+            kinds.append("detectors")
+            detectors = Catalog.from_dict({"models": {}, **data}).detectors
+            assert len(detectors) == len(data["detectors"]) and all(kind in detectors for kind in data["detectors"])
         else:
             assert block.code.startswith("# policy.yaml")
             kinds.append("policy")
             assert policy_from_dict(data, source="policy.yaml").name == "policy"
-    assert sorted(kinds) == ["catalog", "policy"]
+    assert sorted(kinds) == ["catalog", "detectors", "policy"]
 
 
 def test_a_transcript_with_a_wrong_line_is_caught() -> None:

@@ -6,9 +6,11 @@ import asyncio
 import base64
 import functools
 import io
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +195,6 @@ def test_sizes_within_the_rules_are_served(http: httpx.Client, size: str, expect
     ({"prompt": "x", "output_compression": 50}, "output_compression", "invalid_value"),  # png is lossless
     ({"prompt": "   "}, "prompt", "empty_string"),
     ({"prompt": "x" * 32_001}, "prompt", "string_above_max_length"),
-    ({"prompt": "x", "stream": True}, "stream", "unsupported_value"),
 ])
 def test_requests_the_api_refuses_are_rejected(http: httpx.Client, body: dict, param: str, code: str) -> None:
     assert_error(http.post("images/generations", json=body), 400, param=param, code=code)
@@ -538,3 +539,22 @@ def test_requests_the_spec_accepts_are_served(http: httpx.Client, schema: Schema
     resp = http.post("images/generations", json=body)
     assert resp.status_code == 200
     assert [decode(d["b64_json"]).format for d in resp.json()["data"]] == ["WEBP", "WEBP"]
+
+
+def test_stream_answers_server_sent_events_with_partial_images_and_the_billed_usage(
+        sb: OpenAISandbox, http: httpx.Client, schema: Schemas) -> None:
+    resp = http.post("/images/generations", json={"prompt": "a cat", "stream": True, "partial_images": 2})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in resp.text.split("\n\n") if b]
+    events = [(b.split("\n")[0].removeprefix("event: "), json.loads(b.split("\n")[1].removeprefix("data: ")))
+              for b in blocks]
+    assert [name for name, _ in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [data["partial_image_index"] for _, data in events[:2]] == [0, 1]
+    for _, data in events[:2]:
+        valid(schema("ImageGenPartialImageEvent"), data)
+    done = events[-1][1]
+    valid(schema("ImageGenCompletedEvent"), done)
+    assert {"b64_json", "created_at", "size", "quality", "background", "output_format", "usage"} <= set(done)
+    usage = done["usage"]
+    cost = (Decimal(usage["input_tokens_details"]["text_tokens"]) * 5 + Decimal(usage["output_tokens"]) * 30) / 10**6
+    assert sb.billed_usd == cost

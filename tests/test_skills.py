@@ -184,11 +184,11 @@ def test_published_figures_are_marked_verified_and_priors_are_not(table: Profile
 
 
 def test_every_model_a_provider_offers_and_every_local_family_has_a_profile(table: ProfileTable) -> None:
-    from providers import bfl, openai, replicate, stability, together
+    from providers import bfl, fal, google, ideogram, openai, replicate, stability, together, xai
     from providers.local.catalog import FAMILIES
 
-    offered = {f"{mod.__name__.rsplit('.', 1)[1]}/{m}" for mod in (bfl, openai, replicate, stability, together)
-               for m in mod.MODELS}
+    offered = {f"{mod.__name__.rsplit('.', 1)[1]}/{m}"
+               for mod in (bfl, fal, google, ideogram, openai, replicate, stability, together, xai) for m in mod.MODELS}
     offered |= {f"local/{family}" for family in FAMILIES}
     assert offered <= set(table.entries), sorted(offered - set(table.entries))
     assert set(table.entries) <= offered, sorted(set(table.entries) - offered)

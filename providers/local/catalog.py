@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from providers.local.detectors import Detectors
 from providers.local.upscale import UpscalerEntry
 from router.errors import CatalogError, InvalidRequestError
 
@@ -50,6 +51,9 @@ class ModelEntry:
     fp16_vae: str | None = None
     """The VAE used instead of the model's when it runs in float16 on CUDA (a directory or hub id). SDXL's
     default is the fp16-fix VAE, whose decode needs no float32 upcast; ``null`` keeps the model's own."""
+    preview_vae: str | None = None
+    """A tiny autoencoder directory (TAESD-style ``AutoencoderTiny``; TAESD for SD 1.5, TAESDXL for SDXL) that
+    decodes the latents into the previews a request asks for with ``partial_images``; none: no previews."""
     dtype: str = "auto"
     """``auto`` (float16 on CUDA, bfloat16 for families whose float16 is unsafe, float32 on CPU) or a name."""
     compile: bool = False
@@ -116,8 +120,10 @@ class Catalog:
     """The models a :class:`~providers.local.LocalProvider` serves, best default first."""
 
     def __init__(self, entries: list[ModelEntry] | None = None,
-                 upscalers: list[UpscalerEntry] | None = None) -> None:
+                 upscalers: list[UpscalerEntry] | None = None, detectors: Detectors | None = None) -> None:
         self._entries: dict[str, ModelEntry] = {e.name: e for e in entries or []}
+        self.detectors: Detectors = detectors if detectors is not None else Detectors()
+        """The ``detectors:`` section: per control kind, the local detector model that makes its map."""
         self.upscalers: dict[str, UpscalerEntry] = {u.name: u for u in upscalers or []}
         """The ``upscalers:`` section: ``.safetensors`` upscalers served for the ``upscale`` task."""
         both = set(self._entries) & set(self.upscalers)
@@ -126,17 +132,19 @@ class Catalog:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Catalog:
-        """``{"models": {name: {...}}, "upscalers": {name: {...}}}`` or ``{name: {...}}``."""
+        """``{"models": {...}, "upscalers": {...}, "detectors": {kind: path or {...}}}`` or ``{name: {...}}``."""
         if not isinstance(data, Mapping):
             raise CatalogError(f"catalog: expected 'models:' mapping names to settings, got {type(data).__name__}")
         upscalers = data.get("upscalers") or {}
-        models = data.get("models", {k: v for k, v in data.items() if k != "upscalers"})
+        detectors = Detectors.from_dict(data.get("detectors") or {})
+        models = data.get("models", {k: v for k, v in data.items() if k not in ("upscalers", "detectors")})
         if not isinstance(models, Mapping):
             raise CatalogError("catalog: 'models' must map model names to settings")
         if not isinstance(upscalers, Mapping):
             raise CatalogError("catalog: 'upscalers' must map upscaler names to settings (path: x.safetensors)")
         return cls([ModelEntry.from_dict(str(k), cast(Mapping[str, Any], v)) for k, v in models.items()],
-                   [UpscalerEntry.from_dict(str(k), cast(Mapping[str, Any], v)) for k, v in upscalers.items()])
+                   [UpscalerEntry.from_dict(str(k), cast(Mapping[str, Any], v)) for k, v in upscalers.items()],
+                   detectors)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Catalog:

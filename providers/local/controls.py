@@ -1,12 +1,12 @@
-"""Control maps for ControlNet: computed from a photo where no detector model is needed, else passed through.
+"""Control maps for ControlNet: each kind's map made the way that ControlNet's training maps were made.
 
-``canny`` (OpenCV when installed, else a NumPy Canny), ``scribble`` (thick edges),
-``lineart`` (thin edges) and ``softedge`` (blurred edges) are computed here, as white
-lines on black, the way those ControlNets were trained. ``tile`` and ``shuffle`` take
-the image itself. ``depth``, ``pose``, ``seg``, ``normal`` and ``mlsd`` need a detector
-model: give the map you computed with ``preprocess=False``; with ``preprocess=True`` they
-raise :class:`DetectorNotConfigured` rather than feed a photo to a ControlNet that
-expects a map.
+``canny`` is computed here (OpenCV when installed, else a NumPy Canny), white edges on black.
+``shuffle`` is a content shuffle (controlnet-aux's ``ContentShuffleDetector``), seeded. ``tile``
+takes the image itself. ``softedge`` and ``scribble`` (HED / PiDiNet), ``lineart``, ``depth``
+(MiDaS DPT), ``normal`` (from that depth), ``seg`` (ADE20K) and ``pose`` (OpenPose) need a detector
+model named under ``detectors:`` in the local catalog (:mod:`providers.local.detectors`); without one
+they raise :class:`DetectorNotConfigured` rather than feed a photo to a ControlNet that expects a map.
+``mlsd`` and ``lineart_anime`` have no detector here: give the map with ``preprocess=False``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from providers.local.detectors import ARCHS, describe
 from router.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-COMPUTED = frozenset({"canny", "scribble", "lineart", "softedge"})
-IDENTITY = frozenset({"tile", "shuffle"})
-NEEDS_DETECTOR = frozenset({"depth", "pose", "seg", "normal", "mlsd", "lineart_anime"})
+    from providers.local.detectors import Detectors
+
+COMPUTED = frozenset({"canny"})
+IDENTITY = frozenset({"tile"})
+NEEDS_DETECTOR = frozenset({"depth", "pose", "seg", "normal", "softedge", "scribble", "lineart", "mlsd",
+                            "lineart_anime"})
 
 
 class DetectorNotConfigured(InvalidRequestError):
@@ -30,15 +34,22 @@ class DetectorNotConfigured(InvalidRequestError):
 
     def __init__(self, kind: str) -> None:
         self.control_kind = kind
-        super().__init__(
-            f"control kind {kind!r} needs a {kind} detector to turn a photo into a {kind} map, and none is "
-            f"configured; compute the map yourself and pass it with preprocess=False", provider="local",
-            code="detector_not_configured")
+        if kind in ARCHS:
+            how = (f"set detectors.{kind} in the local model catalog (IMAGEROUTER_MODELS) to {describe(kind)}, "
+                   "or compute the map yourself and pass it with preprocess=False")
+        else:
+            how = "no detector for it is supported here: compute the map yourself and pass it with preprocess=False"
+        super().__init__(f"control kind {kind!r} needs a {kind} detector to turn a photo into a {kind} map, and "
+                         f"none is configured; {how}", provider="local", code="detector_not_configured")
 
 
 def control_map(image: PILImage.Image, kind: str, size: tuple[int, int], *, preprocess: bool = True,
-                low: int = 100, high: int = 200) -> PILImage.Image:
-    """The RGB control image for ``kind`` at ``size`` (width, height)."""
+                low: int = 100, high: int = 200, detectors: Detectors | None = None,
+                seed: int = 0) -> PILImage.Image:
+    """The RGB control image for ``kind`` at ``size`` (width, height).
+
+    ``detectors`` make the maps that need a model; ``seed`` fixes the ``shuffle`` pattern.
+    """
     from PIL import Image
 
     rgb = image.convert("RGB")
@@ -46,15 +57,59 @@ def control_map(image: PILImage.Image, kind: str, size: tuple[int, int], *, prep
         rgb = rgb.resize(size, Image.Resampling.LANCZOS)
     if not preprocess or kind in IDENTITY:
         return rgb
+    if kind == "shuffle":
+        return content_shuffle(rgb, seed)
     if kind in NEEDS_DETECTOR:
-        raise DetectorNotConfigured(kind)
+        if detectors is None or kind not in detectors:
+            raise DetectorNotConfigured(kind)
+        return detectors.detect(kind, rgb)
     gray = np.asarray(rgb.convert("L"), dtype=np.float32)
     edges = canny(gray, low, high)
-    if kind == "scribble":
-        edges = _dilate(edges, 2)
-    elif kind == "softedge":
-        edges = _blur(edges.astype(np.float32) * 255.0, 1.5) > 24
     return Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+def content_shuffle(image: PILImage.Image, seed: int) -> PILImage.Image:
+    """``image`` with its content moved along a smooth random flow field, as controlnet-aux's
+    ``ContentShuffleDetector`` (the shuffle ControlNet's training preprocessor) does, seeded.
+
+    Each output pixel samples the source at (x, y) drawn from two bicubically upsampled noise grids,
+    min–max stretched over the whole image; the grid cell is half the short side (f=256 at the
+    detector's 512). https://github.com/huggingface/controlnet_aux/blob/master/src/controlnet_aux/shuffle/__init__.py
+    """
+    from PIL import Image
+
+    src = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w = src.shape[:2]
+    rng = np.random.default_rng(seed)
+    cell = max(2, min(h, w) // 2)
+    x = _noise_disk(rng, h, w, cell) * float(w - 1)
+    y = _noise_disk(rng, h, w, cell) * float(h - 1)
+    return Image.fromarray(_bilinear(src, x, y).round().clip(0, 255).astype(np.uint8))
+
+
+def _noise_disk(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray[Any, Any]:
+    """controlnet-aux's ``make_noise_disk``: uniform noise on a coarse grid, upsampled bicubically, cropped,
+    stretched to 0–1."""
+    from PIL import Image
+
+    coarse = rng.uniform(0.0, 1.0, size=(h // cell + 2, w // cell + 2)).astype(np.float32)
+    big = np.asarray(Image.fromarray(coarse).resize((w + 2 * cell, h + 2 * cell),
+                                                               Image.Resampling.BICUBIC), dtype=np.float64)
+    noise = big[cell:cell + h, cell:cell + w]
+    noise -= noise.min()
+    return noise / max(float(noise.max()), 1e-8)
+
+
+def _bilinear(src: np.ndarray[Any, Any], x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``src`` sampled at the float coordinates (x, y) with bilinear weights (``cv2.remap`` INTER_LINEAR)."""
+    h, w = src.shape[:2]
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, w - 1)
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, h - 1)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    top = src[y0, x0] * (1 - fx) + src[y0, x1] * fx
+    bottom = src[y1, x0] * (1 - fx) + src[y1, x1] * fx
+    return np.asarray(top * (1 - fy) + bottom * fy)
 
 
 def canny(gray: np.ndarray[Any, Any], low: float, high: float) -> np.ndarray[Any, Any]:

@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,25 @@ def offline() -> bool:
                                                                                  "TRANSFORMERS_OFFLINE"))
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No Diffusers / Transformers loading bars on stderr while a model loads (a library's loads are not
+    the user's terminal output; progress is reported as events). Their previous setting is restored."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
 class PipelineCache:
     """Base pipelines by model name, and their task views (which share the base's modules).
 
@@ -142,6 +162,7 @@ class PipelineCache:
         self._upscalers: OrderedDict[str, Any] = OrderedDict()
         self._embeddings: dict[str, EmbeddingSet] = {}
         self._ip_slots: dict[str, IPAdapterSlot] = {}
+        self._previews: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.loads = 0
 
@@ -250,6 +271,27 @@ class PipelineCache:
             self._upscalers.move_to_end(entry.name)
             return model
 
+    def preview_vae(self, entry: ModelEntry) -> Any:
+        """``entry``'s tiny preview autoencoder (``preview_vae`` in the catalog), loaded on first use; None
+        when it has none."""
+        if entry.preview_vae is None:
+            return None
+        with self._lock:
+            vae = self._previews.get(entry.name)
+            if vae is None:
+                from diffusers import AutoencoderTiny
+
+                root = check_component(entry, "preview VAE", entry.preview_vae)
+                try:
+                    vae = AutoencoderTiny.from_pretrained(str(root), use_safetensors=True,
+                                                          dtype=self.dtype_for(entry), local_files_only=True)
+                except (OSError, ValueError) as exc:
+                    raise ModelNotAvailable(entry.name, f"could not load the preview VAE from {root}: {exc}; set "
+                                                        "preview_vae: to a TAESD directory, or leave it out"[:600]
+                                            ) from None
+                vae = self._previews[entry.name] = vae.to(self.device).eval()
+            return vae
+
     def _controlnet(self, entry: ModelEntry, kind: str) -> Any:
         key = (entry.name, kind)
         net = self._controlnets.get(key)
@@ -290,6 +332,7 @@ class PipelineCache:
         self._dtypes.pop(name, None)
         self._embeddings.pop(name, None)
         self._ip_slots.pop(name, None)
+        self._previews.pop(name, None)
         if self.device.startswith("cuda"):
             import torch
 

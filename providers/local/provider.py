@@ -27,12 +27,12 @@ from providers.local.controls import COMPUTED, control_map
 from providers.local.loras import LoraFile, check_family, resolve
 from providers.local.upscale import output_size
 from providers.local.watermark import PAYLOAD, can_mark, embed
-from providers.local.worker import Control, DeviceWorker, Job, JobResult
+from providers.local.worker import Control, DeviceWorker, Job, JobResult, preview_steps
 from router.errors import ImageRouterError, InvalidRequestError, ProviderUnavailable
 from router.geometry import SizePlan, SizeRules, plan_size
 from router.images import adecode, encode, load_bytes, mask_to_white_repaint
 from router.prices import PriceTable
-from router.progress import ProgressEvent, current_sink
+from router.progress import PartialImage, ProgressEvent, current_sink
 from router.request import ImageRequest, Task
 from router.result import GeneratedImage
 
@@ -172,7 +172,7 @@ class LocalProvider(Provider):
         options = request.provider_options.get(self.name, {})
         unused = [f"provider_options.local.{name} ignored: it applies to inpainting (give a mask_image)"
                   for name in ("mask_blur", "padding_mask_crop") if name in options and request.mask_image is None]
-        unused += [f"provider_options.local.{name} ignored: no control of kind canny, scribble, lineart or softedge"
+        unused += [f"provider_options.local.{name} ignored: no canny control to compute"
                    for name in ("canny_low", "canny_high") if name in options and not any(
                        c.kind in COMPUTED and c.preprocess for c in request.controls)]
         src = request.init_image
@@ -274,11 +274,11 @@ class LocalProvider(Provider):
                                                                                 what="mask_image"), (width, height))
         options = request.provider_options.get(self.name, {})
         self._wants_watermark(options)  # a refused opt-out fails before any device time is spent
-        controls = await self._controls(request, entry, (width, height), options)
+        seed = request.seed if request.seed is not None else random.randrange(2**32 - request.n)
+        controls = await self._controls(request, entry, (width, height), options, seed)
         loras = self._loras(request, entry)
         embeddings = self._embeddings(request, entry, options)
         ip, ip_image, ip_scale = await self._ip_adapter(request, entry, options)
-        seed = request.seed if request.seed is not None else random.randrange(2**32 - request.n)
         job = Job(
             entry=entry, task=base_task(request), prompt=request.prompt, width=width, height=height,
             steps=request.steps or entry.steps,
@@ -290,7 +290,7 @@ class LocalProvider(Provider):
             mask_blur=_int_option(options, "mask_blur", 0),
             padding_mask_crop=_int_option(options, "padding_mask_crop", 0) or None,
             progress=self._progress(model), embeddings=embeddings, ip_adapter=ip, ip_image=ip_image,
-            ip_scale=ip_scale,
+            ip_scale=ip_scale, **self._previews(request, entry, model),
         )
         try:
             result = await self.worker.run(job)
@@ -398,7 +398,7 @@ class LocalProvider(Provider):
         return list(marked), "embedded"
 
     async def _controls(self, request: ImageRequest, entry: ModelEntry, size: tuple[int, int],
-                        options: Mapping[str, Any]) -> tuple[Control, ...]:
+                        options: Mapping[str, Any], seed: int) -> tuple[Control, ...]:
         missing = sorted({c.kind for c in request.controls} - set(entry.controlnets))
         if missing:
             raise InvalidRequestError(
@@ -409,9 +409,14 @@ class LocalProvider(Provider):
         out = []
         for c in request.controls:
             image = await adecode(await load_bytes(c.image), what=f"controls[{c.kind}].image")
-            # Edge maps are NumPy work; keep it off the event loop and off the device queue.
-            cmap = await asyncio.to_thread(control_map, image, c.kind, size, preprocess=c.preprocess, low=low,
-                                           high=high)
+            # Edge maps and detectors are CPU work (or a detector's own device); keep them off the event loop
+            # and off the device queue. The shuffle pattern follows the request's seed.
+            try:
+                cmap = await asyncio.to_thread(control_map, image, c.kind, size, preprocess=c.preprocess, low=low,
+                                               high=high, detectors=self.catalog.detectors, seed=seed)
+            except (ImportError, RuntimeError, OSError) as exc:  # controlnet-aux missing, a failing model
+                raise ProviderUnavailable(f"the {c.kind} detector failed: {type(exc).__name__}: {exc}"[:500],
+                                          provider=self.name) from None
             out.append(Control(c.kind, cmap, c.scale, c.start, c.end))
         return tuple(out)
 
@@ -460,6 +465,23 @@ class LocalProvider(Provider):
             raise AdapterError("IP-Adapter", ref, exc.message) from None
         picture = await adecode(await load_bytes(source), what="ip_adapter.image")
         return ip, picture.convert("RGB"), float(scale)
+
+    def _previews(self, request: ImageRequest, entry: ModelEntry, model: str) -> dict[str, Any]:
+        """The preview steps and their callback for a request that asks for ``partial_images`` (with a sink to
+        receive them and a ``preview_vae`` to make them); nothing otherwise."""
+        sink = current_sink()
+        if not request.partial_images or sink is None or entry.preview_vae is None or entry.family == "flux":
+            return {}
+        steps = request.steps or entry.steps
+        if request.init_image is not None:  # img2img / inpaint run only the last strength × steps steps
+            default = 1.0 if request.mask_image is not None else 0.8
+            steps = int(steps * (request.strength if request.strength is not None else default))
+
+        def on_preview(index: int, step: int, image: Any) -> None:
+            sink(PartialImage(self.name, model, index, encode(image, "png", png_compress_level=1), "image/png",
+                              step))
+
+        return {"previews": preview_steps(steps, request.partial_images), "on_preview": on_preview}
 
     def _progress(self, model: str) -> Callable[[int, int], None] | None:
         sink = current_sink()

@@ -76,6 +76,19 @@ def build_sd15(directory: Path, *, safety_checker: bool = False) -> Path:
     return directory
 
 
+def build_preview_vae(directory: Path, *, latent_channels: int = 4, seed: int = 3) -> Path:
+    """Write a tiny TAESD-architecture ``AutoencoderTiny`` (2× up from latents, like the tiny models' VAEs)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderTiny(in_channels=3, out_channels=3, encoder_block_out_channels=(8, 8),
+                          decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                          latent_channels=latent_channels)
+    vae.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
 def build_sdxl(directory: Path) -> Path:
     """Write a tiny SDXL-architecture pipeline (two text encoders, text_time embedding) to ``directory``."""
     import torch

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from providers.local.adapters import EmbeddingFile, IPAdapterFile
 from providers.local.catalog import ModelEntry
 from providers.local.loras import LoraFile
-from providers.local.pipelines import PipelineCache
+from providers.local.pipelines import PipelineCache, quiet_loading
 from providers.local.upscale import UpscalerEntry, deadline_check, upscale
 from router.errors import InvalidRequestError, ProviderTimeout
 
@@ -72,6 +72,10 @@ class Job:
     ip_adapter: IPAdapterFile | None = None
     ip_image: Any = None
     ip_scale: float = 1.0
+    previews: tuple[int, ...] = ()
+    """Denoising steps after which a latent preview is decoded (needs the model's ``preview_vae``)."""
+    on_preview: Callable[[int, int, Any], None] | None = None
+    """Called on the device thread with (index, step, PIL image) for each preview."""
 
     @property
     def control_kinds(self) -> tuple[str, ...]:
@@ -111,10 +115,12 @@ def make_scheduler(current: Any, name: str | None) -> Any:
     return getattr(diffusers, cls_name).from_config(current.config, **extra)
 
 
-def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any = None) -> JobResult:
+def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any = None,
+                  preview_vae: Any = None) -> JobResult:
     """Run ``job`` on a per-call view of ``entry_pipe`` (shared modules, own scheduler).
 
-    ``base`` is the model's base pipeline, whose IP-Adapter image encoder the view borrows."""
+    ``base`` is the model's base pipeline, whose IP-Adapter image encoder the view borrows;
+    ``preview_vae`` decodes the latents of the steps ``job.previews`` names."""
     import torch
 
     scheduler = make_scheduler(entry_pipe.scheduler, None if job.entry.family == "flux" else job.scheduler)
@@ -132,6 +138,10 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any 
         steps_run = i + 1
         if job.progress is not None:
             job.progress(steps_run, int(getattr(p, "_num_timesteps", None) or job.steps))
+        if preview_vae is not None and job.on_preview is not None and steps_run in job.previews:
+            latents = kwargs.get("latents")
+            if latents is not None:
+                job.on_preview(job.previews.index(steps_run), steps_run, preview_image(preview_vae, latents))
         if cancel.is_set() or time.monotonic() > job.deadline:
             p._interrupt = True
         return kwargs
@@ -186,6 +196,25 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any 
     return JobResult(images, flags, seconds, steps_run, type(scheduler).__name__)
 
 
+def preview_image(vae: Any, latents: Any) -> Any:
+    """The first image's latents decoded by a tiny autoencoder, as a PIL image (a quick, rough preview)."""
+    import torch
+    from PIL import Image
+
+    with torch.inference_mode():
+        out = vae.decode(latents[:1].to(vae.device, vae.dtype)).sample[0]
+    pixels = ((out.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels[..., :3])
+
+
+def preview_steps(total: int, count: int) -> tuple[int, ...]:
+    """``count`` steps spread evenly over ``total``, the last one short of the end (the end is the image)."""
+    if count <= 0 or total < 2:
+        return ()
+    steps = sorted({max(1, round(total * (i + 1) / (count + 1))) for i in range(count)})
+    return tuple(s for s in steps if s < total)
+
+
 def control_kwargs(pipe: Any, job: Job, generators: list[Any]) -> dict[str, Any]:
     """The ControlNet arguments: maps, scales and windows (one value for one net, lists for several)."""
     one = len(job.controls) == 1
@@ -228,11 +257,17 @@ class DeviceWorker:
         """Run ``fn(cache, cancel)`` on the device thread; cancelling the await sets ``cancel``."""
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, fn, self.cache, cancel)
+
+        def quietly(cache: PipelineCache, cancel: threading.Event) -> T:
+            with quiet_loading():
+                return fn(cache, cancel)
+
+        future = loop.run_in_executor(self._executor, quietly, self.cache, cancel)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()
+            future.add_done_callback(_retrieved)  # the interrupted call's error has no one to raise to
             raise
 
     async def run(self, job: Job) -> JobResult:
@@ -245,7 +280,8 @@ class DeviceWorker:
                 cache.adapters(job.entry).activate(base, job.loras)
                 cache.embeddings(job.entry).activate(base, job.embeddings, job.entry.family)
                 cache.ip_slot(job.entry).activate(base, job.ip_adapter, job.ip_scale, cache.dtype_for(job.entry))
-                result = call_pipeline(pipe, job, cancel, base)
+                preview = cache.preview_vae(job.entry) if job.previews and job.on_preview else None
+                result = call_pipeline(pipe, job, cancel, base, preview)
             except ProviderTimeout:
                 self.interrupted += 1
                 raise
@@ -288,3 +324,9 @@ class DeviceWorker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of a call nobody awaits any more, so asyncio does not report it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

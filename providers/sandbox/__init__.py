@@ -20,17 +20,24 @@ from providers.sandbox._server import (
 )
 from providers.sandbox.bfl import BFLSandbox
 from providers.sandbox.comfyui import ComfyUISandbox
+from providers.sandbox.fal import FalSandbox
+from providers.sandbox.google import GoogleSandbox
+from providers.sandbox.ideogram import IdeogramSandbox
 from providers.sandbox.openai import OpenAISandbox
 from providers.sandbox.replicate import ReplicateSandbox
 from providers.sandbox.stability import StabilitySandbox
 from providers.sandbox.together import TogetherSandbox
+from providers.sandbox.xai import XAISandbox
 
 __all__ = [
     "HOSTILE_IMAGE_FAULTS",
     "BFLSandbox",
     "ComfyUISandbox",
+    "FalSandbox",
     "Fault",
     "FaultPlan",
+    "GoogleSandbox",
+    "IdeogramSandbox",
     "OpenAISandbox",
     "RecordedRequest",
     "ReplicateSandbox",
@@ -40,5 +47,6 @@ __all__ = [
     "StabilitySandbox",
     "TogetherSandbox",
     "Upload",
+    "XAISandbox",
     "hostile_image",
 ]

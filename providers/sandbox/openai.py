@@ -4,7 +4,9 @@ Routes under ``/v1``: ``POST images/generations`` (JSON), ``POST images/edits``
 (multipart uploads, or JSON whose ``images``/``mask`` are ``{image_url}`` or ``{file_id}``
 references: data URLs are read; the sandbox downloads nothing and holds no files, so an
 http(s) URL is a 400 and a file id a 404), ``GET models`` and ``GET models/{id}``.
-Everything else is a 404 in OpenAI's error shape ``{"error": {message, type, param, code}}``.
+``stream: true`` answers as server-sent events (``partial_images`` blurred previews per image,
+then a completed event with the image and its usage). Everything else is a 404 in OpenAI's error
+shape ``{"error": {message, type, param, code}}``.
 Every answer carries ``x-request-id: req_<hex>`` and ``openai-processing-ms``.
 
 Images are real: Pillow draws a flat colour and a disc, both picked from a hash of
@@ -132,6 +134,8 @@ class _Params:
     background: str
     output_format: str
     output_compression: int
+    stream: bool = False
+    partial_images: int = 0
 
 
 def _type_name(value: Any) -> str:
@@ -345,10 +349,6 @@ def _resolve(values: dict[str, Any]) -> _Params:
     if not model.startswith("gpt-image-2"):
         why = "has been retired" if model in RETIRED_MODELS else "does not exist or you do not have access to it"
         raise ApiError(404, f"The model `{model}` {why}.", code="model_not_found")
-    if values.get("stream"):
-        raise ApiError(
-            400, "Streaming ('stream': true) is not emulated by this sandbox.", param="stream", code="unsupported_value"
-        )
     width, height = parse_size(values.get("size", "auto"))
     fmt: str = values.get("output_format", "png")
     background: str = values.get("background", "auto")
@@ -375,6 +375,8 @@ def _resolve(values: dict[str, Any]) -> _Params:
         background="transparent" if background == "transparent" else "opaque",
         output_format=fmt,
         output_compression=compression,
+        stream=bool(values.get("stream", False)),
+        partial_images=values.get("partial_images", 0),
     )
 
 
@@ -790,13 +792,16 @@ class OpenAISandbox(SandboxServer):
                     code="invalid_value",
                 )
         images = [_edited(params, i, sources[0], mask) for i in range(params.n)]
-        return self._images(params, images, usage(params, [s.size for s in sources]))
+        return self._images(params, images, usage(params, [s.size for s in sources]), event="image_edit")
 
-    def _images(self, params: _Params, images: list[bytes], billed: dict[str, Any]) -> Response:
+    def _images(self, params: _Params, images: list[bytes], billed: dict[str, Any],
+                event: str = "image_generation") -> Response:
         reported = self.usage_override if self.usage_override is not None else billed
         if self.bill_multiplier != 1:
             reported = _scaled(reported, self.bill_multiplier)
         self._bill(reported)
+        if params.stream:
+            return _event_stream(params, images, reported, event)
         return Response.json(
             200,
             {
@@ -809,6 +814,51 @@ class OpenAISandbox(SandboxServer):
                 "usage": reported,
             },
         )
+
+
+def _event_stream(params: _Params, images: list[bytes], reported: dict[str, Any], event: str) -> Response:
+    """A ``stream: true`` answer as server-sent events: per image, ``partial_images`` blurred previews
+    (``{event}.partial_image``, indices from 0) and then ``{event}.completed`` with the image and the
+    usage (with several images, each completed event reports its share). Shapes: ImageGenPartialImageEvent /
+    ImageGenCompletedEvent and the image_edit ones in tests/specs/openai.openapi.yaml."""
+    common = {"created_at": int(time.time()), "size": f"{params.width}x{params.height}", "quality": params.quality,
+              "background": params.background, "output_format": params.output_format}
+    chunks: list[str] = []
+    for data, share in zip(images, _shares(reported, len(images)), strict=True):
+        for index in range(params.partial_images):
+            partial = _blurred(data, params, radius=2 ** (params.partial_images - index + 2))
+            chunks.append(_sse(f"{event}.partial_image", {"type": f"{event}.partial_image", **common,
+                                                          "b64_json": base64.b64encode(partial).decode(),
+                                                          "partial_image_index": index}))
+        chunks.append(_sse(f"{event}.completed", {"type": f"{event}.completed", **common,
+                                                  "b64_json": base64.b64encode(data).decode(), "usage": share}))
+    return Response(200, "".join(chunks).encode(), {"content-type": "text/event-stream; charset=utf-8"})
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _blurred(data: bytes, params: _Params, radius: int) -> bytes:
+    """A rough early version of an image: ``data`` blurred, in the request's format."""
+    from PIL import ImageFilter
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rough = img.filter(ImageFilter.GaussianBlur(radius))
+    return _encode(rough, params.output_format, params.output_compression, params.background == "transparent")
+
+
+def _shares(reported: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """``reported`` split into ``k`` usage objects of whole tokens that add up to it (the last takes the rest)."""
+    if k == 1:
+        return [reported]
+
+    def part(value: dict[str, Any], last: bool) -> dict[str, Any]:
+        return {key: part(v, last) if isinstance(v, dict) else (v - (k - 1) * (v // k) if last else v // k)
+                for key, v in value.items()}
+
+    return [part(reported, i == k - 1) for i in range(k)]
 
 
 def _scaled(reported: dict[str, Any], k: int) -> dict[str, Any]:
