@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import PolicyFileError
-from router.request import QualityFloor, Task
+from router.request import QualityFloor, Selection, Task
 
 
 class _Strict(BaseModel):
@@ -116,6 +116,14 @@ class Hedge(_Strict):
         return value
 
 
+class QualityStep(BaseModel):
+    """The opt-in quality post-step: ``quality: {clip: /models/clip-vit-base-patch32}`` in a policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    clip: str = Field(min_length=1)
+    """A local CLIP model directory (nothing is downloaded; see :mod:`router.quality`)."""
+
+
 class Policy(_Strict):
     """How the router chooses: weights, hard preferences, rules, order and budgets."""
 
@@ -142,7 +150,16 @@ class Policy(_Strict):
     """Under ``order: ladder``: what a day of the owned GPU costs; when the last day's requests, priced at
     the cheapest hosted candidate, cost more, Code (the local backend) comes first. None: never by volume."""
     hedge: Hedge | None = None
+    retry_own_timeouts: bool = False
+    """Retry a call that timed out on a backend you own (local, ComfyUI, a GPU pool) instead of falling back."""
+    select: Selection | None = None
+    """Best-of-n for every request under this policy (a request's own ``select`` wins)."""
+    quality: QualityStep | None = None
+    """Score every served image (CLIP against the prompt): on the result, in the ledger row and on the span."""
     """Opt-in hedged requests against tail latency (see :class:`Hedge`); None: one candidate at a time."""
+    cache: bool = False
+    """Opt-in result cache: a request with a seed, on a backend that takes seeds, is served from the router's
+    result cache when the same request was served before (no call, $0; see :mod:`router.state`)."""
 
 
 PRESETS: dict[str, Policy] = {

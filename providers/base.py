@@ -134,6 +134,15 @@ class Provider(ABC):
     """
 
     kind: str = ""
+    retry_timeouts: bool = True
+    """Whether a call that ran out of time is worth retrying on this backend. False for backends whose time
+    is compute on machines you own (local, ComfyUI, a GPU pool): the same work would time out again, so
+    the router falls back instead (a policy's ``retry_own_timeouts`` overrides)."""
+
+    async def warm(self) -> list[str]:
+        """Get ready before requests arrive (load or compile models, read a server's model list); returns the
+        models made ready. The server calls it at startup. Default: nothing to do."""
+        return []
 
     def __init__(self, *, name: str | None = None, prices: PriceTable | None = None) -> None:
         self.name = name or self.kind

@@ -40,6 +40,14 @@ billed the time it used. Errors: ``node_errors`` → InvalidRequestError (the ne
 ``execution_error`` → :class:`ExecutionFailed` (falls back), an out-of-memory one → ProviderUnavailable;
 server down → ProviderUnavailable; deadline → interrupt + ProviderTimeout.
 
+A checkpoint's family (``sd15``, ``sdxl``, ``sd3``, ``flux``) comes from ``families={file: family}`` or, failing
+that, its file name; it sets the native size, the speed prior, the ControlNets that suit it and the skill profile
+routing scores it by (``providers/profiles/comfyui.toml``, read through :attr:`ComfyUIProvider.catalog`).
+
+Outputs carry the local backend's invisible watermark (DWT-DCT, :mod:`providers.local.watermark`): the server is
+the operator's own hardware, so the mark is the operator's to set (``watermark=False`` turns it off; a request
+cannot). Each output is then fetched losslessly, marked and encoded in the asked format in a worker thread.
+
 The websocket client is ``websockets`` (``pip install 'pixroute[comfyui]'``), imported on first use.
 """
 
@@ -67,7 +75,7 @@ import httpx
 from providers.base import Billing, Capabilities, Estimate, Plan, Provider, ProviderResponse
 from providers.vendor import charged, connection_error, output_image, status_error
 from router.errors import (
-    Disposition,
+    ExecutionFailed,  # defined here first: still importable from this module
     ImageRouterError,
     InvalidRequestError,
     MalformedResponse,
@@ -75,7 +83,7 @@ from router.errors import (
     ProviderUnavailable,
 )
 from router.geometry import SizeRules, plan_size
-from router.images import decode, encode, load_bytes, mask_to_alpha_repaint, mask_to_white_repaint
+from router.images import ImageDecodeError, decode, encode, load_bytes, mask_to_alpha_repaint, mask_to_white_repaint
 from router.prices import PriceTable
 from router.progress import ProgressCallback, ProgressEvent, StatusReporter, current_sink
 from router.request import CONTROL_KINDS, ImageRequest, Task
@@ -105,6 +113,8 @@ SAMPLERS: dict[str, tuple[str, str]] = {
     "ddim": ("ddim", "ddim_uniform"),
     "lcm": ("lcm", "sgm_uniform"),
 }
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
+"""The checkpoint families the provider knows; each has a profile ``comfyui/<family>`` in the skill table."""
 _FAMILY_TOKENS = (("flux", ("flux",)), ("sd3", ("sd3",)), ("sdxl", ("sdxl", "sd_xl", "_xl", "-xl", "xl_", "xl-")),
                   ("sd15", ("sd15", "sd1.5", "sd-1-5", "v1-5", "v1_5", "sd_1.5", "control_v11")))
 _NATIVE = {"flux": (1024, 1024), "sd3": (1024, 1024), "sdxl": (1024, 1024), "sd15": (512, 512)}
@@ -120,19 +130,6 @@ _TXT2IMG_NODES = frozenset({"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLa
                             "SaveImage"})
 _DEADLINE_MARGIN_S = 1.0  # kept back from the call's time to interrupt the prompt and report
 _CLEANUP_S = 5.0
-
-
-class ExecutionFailed(ProviderUnavailable):
-    """A node raised while the server ran the graph (ComfyUI's ``execution_error``): this backend cannot make
-    the image as asked, another may, so the router falls back at once (it is not retried here). ``node_id``,
-    ``node_type`` and ``exception_type`` say where and what."""
-
-    disposition = Disposition.FALLBACK
-
-    def __init__(self, message: str, *, node_id: str | None = None, node_type: str | None = None,
-                 exception_type: str | None = None, **kw: Any) -> None:
-        self.node_id, self.node_type, self.exception_type = node_id, node_type, exception_type
-        super().__init__(message, **kw)
 
 
 # --- what the server has -------------------------------------------------------------------------------------
@@ -192,6 +189,37 @@ def family(name: str) -> str | None:
         if any(t in low for t in tokens):
             return fam
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyEntry:
+    """A model and its family, as :meth:`FamilyCatalog.get` gives them."""
+
+    name: str
+    family: str
+
+
+class FamilyCatalog:
+    """A provider's models that have a known family, in the local catalog's shape (``name in catalog``,
+    ``catalog.get(name).family``), which is what the skill-profile lookup (:func:`router.profiles.profile_for`)
+    and ``eval`` read."""
+
+    __slots__ = ("_provider",)
+
+    def __init__(self, provider: ComfyUIProvider) -> None:
+        self._provider = provider
+
+    def _family(self, name: object) -> str | None:
+        return self._provider.model_family(name) if isinstance(name, str) else None
+
+    def __contains__(self, name: object) -> bool:
+        return self._family(name) is not None
+
+    def get(self, name: str) -> FamilyEntry:
+        fam = self._family(name)
+        if fam is None:
+            raise KeyError(name)
+        return FamilyEntry(name, fam)
 
 
 # --- saved workflows -------------------------------------------------------------------------------------------
@@ -377,10 +405,18 @@ class ComfyUIProvider(Provider):
     ``usd_per_gpu_hour`` prices its GPU time (default ``$IMAGEROUTER_COMFYUI_USD_PER_GPU_HOUR``, else 0).
     ``controlnets`` maps a control kind to a ControlNet file on the server, where the file names do not
     say (``control_v11p_sd15_canny.pth`` says canny, for SD 1.5 checkpoints). ``models`` names checkpoints to
-    offer before the server's list is first read. ``quality`` overrides a model's routing quality.
+    offer before the server's list is first read. ``families`` declares checkpoints' (and workflows')
+    families where the file names do not say (``{"dreamshaper_8.safetensors": "sd15"}``). Routing scores a
+    model with a family by that family's skill profile (``comfyui/<family>``), as it does the local backend's
+    models; ``quality`` sets the routing quality of a model without one (a policy's ``profiles:`` override,
+    ``"comfyui/<file>": {family: sdxl, overall: 0.8}``, changes a profiled model's).
+
+    Outputs carry an invisible watermark (``watermark_payload``, default the local backend's) unless
+    ``watermark=False``; it is an operator setting, not a request option.
     """
 
     kind = "comfyui"
+    retry_timeouts = False  # its time is your own compute: a timeout falls back, not retried
 
     def __init__(
         self,
@@ -394,6 +430,9 @@ class ComfyUIProvider(Provider):
         models: Sequence[str] = (),
         controlnets: Mapping[str, str] | None = None,
         quality: Mapping[str, float] | None = None,
+        families: Mapping[str, str] | None = None,
+        watermark: bool = True,
+        watermark_payload: bytes | None = None,
         max_n: int = 8,
         max_loras: int = 8,
         max_side: int = 2048,
@@ -425,6 +464,17 @@ class ComfyUIProvider(Provider):
             raise ValueError(f"unknown control kinds {unknown}; use {', '.join(sorted(CONTROL_KINDS))}")
         self._declared = tuple(models)
         self._quality = dict(quality or {})
+        self.families = dict(families or {})
+        wrong = {k: v for k, v in self.families.items() if v not in FAMILIES}
+        if wrong:
+            raise ValueError(f"unknown families {wrong}; use {', '.join(FAMILIES)}")
+        if not isinstance(watermark, bool):
+            raise ValueError(f"watermark must be True or False, got {watermark!r}")
+        if watermark_payload is not None and (not isinstance(watermark_payload, bytes) or len(watermark_payload) != 6):
+            raise ValueError("watermark_payload must be 6 bytes (48 bits)")
+        self.watermark = watermark
+        self.watermark_payload = watermark_payload
+        """None: the local backend's payload (:data:`providers.local.watermark.PAYLOAD`)."""
         self.max_n, self.max_loras, self.max_side = max_n, max_loras, max_side
         self.default_steps, self.default_cfg = default_steps, default_cfg
         self.refresh_ttl_s, self.retry_s = refresh_ttl_s, retry_s
@@ -453,7 +503,7 @@ class ComfyUIProvider(Provider):
     def configuration_problem(self) -> str | None:
         if not self.url:
             return f"not configured: set {ENV_URL} to a ComfyUI server (e.g. http://127.0.0.1:8188)"
-        if not _has_websockets():
+        if not _installed("websockets"):
             return "websockets is not installed: pip install 'pixroute[comfyui]'"
         self._refresh_soon()
         state = self._state
@@ -482,6 +532,12 @@ class ComfyUIProvider(Provider):
             state.http = httpx.AsyncClient(base_url=self.url, timeout=self.http_timeout_s, trust_env=False,
                                            follow_redirects=False)
         return state.http
+
+    async def warm(self) -> list[str]:
+        """Read the server's nodes and models now, so the first request is routed with them."""
+        if self.url:
+            await self.refresh()
+        return list(self.models())
 
     async def refresh(self) -> ServerInfo:
         """Read ``/object_info`` now (one read shared by every caller waiting on it)."""
@@ -570,6 +626,18 @@ class ComfyUIProvider(Provider):
             return None
         return self._state.workflows.get(model.removeprefix(WORKFLOW_PREFIX))
 
+    def model_family(self, model: str) -> str | None:
+        """``model``'s family: declared in ``families``, else read from a checkpoint's file name, else None."""
+        declared = self.families.get(model)
+        if declared is not None or model.startswith(WORKFLOW_PREFIX):
+            return declared
+        return family(model)
+
+    @property
+    def catalog(self) -> FamilyCatalog:
+        """The models routing scores by their family's skill profile, in the local catalog's shape."""
+        return FamilyCatalog(self)
+
     def capabilities(self, model: str) -> Capabilities:
         state = self._state
         caps = state.caps.get(model)
@@ -585,7 +653,7 @@ class ComfyUIProvider(Provider):
                          max_ratio=4.0, native=native)
 
     def _checkpoint_caps(self, model: str, info: ServerInfo | None) -> Capabilities:
-        fam = family(model)
+        fam = self.model_family(model)
         nodes = info.nodes if info is not None else _TXT2IMG_NODES | {"LoadImage", "VAEEncode"}
         tasks: set[Task] = set()
         if nodes >= _TXT2IMG_NODES:
@@ -641,14 +709,14 @@ class ComfyUIProvider(Provider):
         chosen = self.controlnets.get(kind)
         if chosen is not None:
             return chosen if chosen in info.controlnets else None
-        fam = family(model)
+        fam = self.model_family(model)
         fits = []
         for name in info.controlnets:
             low = name.lower()
             hit = next((t for t in _CONTROL_TOKENS[kind] if t in low), None)
             if hit is None or (kind == "lineart" and "anime" in low):
                 continue
-            cn_fam = family(name)
+            cn_fam = self.model_family(name)
             if fam is not None and cn_fam is not None and cn_fam != fam:
                 continue
             fits.append((cn_fam != fam, len(name), name))
@@ -683,7 +751,7 @@ class ComfyUIProvider(Provider):
         if wf is not None:
             seconds = self._state.observed.get(model, wf.seconds) * (request.n if "n" in wf.inputs else 1)
         else:
-            fam = family(model) or ""
+            fam = self.model_family(model) or ""
             size = self.plan(request, model).size
             native = _NATIVE.get(fam, (1024, 1024))
             per_step = self._state.observed.get(model, _S_PER_STEP.get(fam, 0.1))
@@ -714,7 +782,7 @@ class ComfyUIProvider(Provider):
         if wf is not None:
             sample = seconds / (request.n if "n" in wf.inputs else 1)
         else:
-            native = _NATIVE.get(family(model) or "", (1024, 1024))
+            native = _NATIVE.get(self.model_family(model) or "", (1024, 1024))
             sample = seconds / max(1, steps) / request.n / (width * height / (native[0] * native[1]))
         old = self._state.observed.get(model)
         self._state.observed[model] = sample if old is None else 0.7 * old + 0.3 * sample
@@ -743,14 +811,17 @@ class ComfyUIProvider(Provider):
                                   provider=self.name) from None
         graph, outputs, seed, steps = built
         run, history = await self._execute(graph, model, deadline, sink)
-        images = await self._images(run, history, outputs, request, seed, deadline)
+        images, watermark = await self._images(run, history, outputs, request, seed, deadline)
         seconds = run.gpu_seconds(loop.time())
         if run.executed and seconds > 0:  # a run served wholly from the server's cache says nothing of its speed
             self._observe(model, request, float(seconds), steps, plan.size.width, plan.size.height)
         warnings = list(plan.warnings)
         if len(images) != request.n and (wf is None or "n" in wf.inputs):
             warnings.append(f"{len(images)} images returned, {request.n} asked")
-        billing = self._billing(run, loop.time(), images=len(images), seed=seed, steps=steps)
+        if watermark == "unavailable":
+            warnings.append("not watermarked: invisible-watermark is not installed (pip install 'pixroute[local]'), "
+                            "or construct ComfyUIProvider(watermark=False)")
+        billing = self._billing(run, loop.time(), images=len(images), seed=seed, steps=steps, watermark=watermark)
         return ProviderResponse(images, model, billing, run.prompt_id, tuple(warnings))
 
     # --- graphs
@@ -1161,8 +1232,9 @@ class ComfyUIProvider(Provider):
                 run.ended_at = run.ended_at or loop.time()
 
     async def _images(self, run: _Run, history: dict[str, Any], wanted: Sequence[str], request: ImageRequest,
-                      seed: int, deadline: float) -> list[GeneratedImage]:
-        """The output images: each named in the history fetched from ``/view`` on the configured server."""
+                      seed: int, deadline: float) -> tuple[list[GeneratedImage], str]:
+        """The output images, each named in the history fetched from ``/view`` on the configured server, and
+        what happened to the watermark: embedded, too_small, off or unavailable."""
         outputs = history.get("outputs") or run.outputs
         refs: list[dict[str, Any]] = []
         if isinstance(outputs, dict):
@@ -1177,26 +1249,46 @@ class ComfyUIProvider(Provider):
             raise charged(MalformedResponse("the prompt finished without an output image", provider=self.name,
                                             request_id=run.prompt_id), bill)
         fmt = request.output_format
+        mark = self.watermark and _installed("imwatermark")
         try:
-            images = await asyncio.gather(*(self._view(ref, fmt, deadline, run) for ref in refs))
+            viewed = await asyncio.gather(*(self._view(ref, fmt, deadline, run, mark) for ref in refs))
         except _Deadline:
             raise charged(ProviderTimeout("the outputs could not be fetched in time", provider=self.name,
                                           request_id=run.prompt_id), bill) from None
         except ImageRouterError as exc:
             raise charged(exc, bill) from None
-        return [dataclasses.replace(img, seed=seed) for img in images]
+        note = "off" if not self.watermark else "unavailable" if not mark else \
+            "embedded" if any(marked for _, marked in viewed) else "too_small"
+        return [dataclasses.replace(img, seed=seed) for img, _ in viewed], note
 
-    async def _view(self, ref: Mapping[str, Any], fmt: str, deadline: float, run: _Run) -> GeneratedImage:
+    async def _view(self, ref: Mapping[str, Any], fmt: str, deadline: float, run: _Run,
+                    mark: bool) -> tuple[GeneratedImage, bool]:
+        """One output from ``/view``, and whether it carries the watermark. Marked outputs are fetched as the
+        server saved them (lossless) and encoded here once; unmarked ones in another format are re-encoded by
+        the server."""
         params = {"filename": ref["filename"], "subfolder": str(ref.get("subfolder") or ""),
                   "type": str(ref.get("type") or "output")}
-        if fmt != "png":
+        if fmt != "png" and not mark:
             params["preview"] = f"{fmt};95"  # re-encoded by the server (server.py view_image)
         response = await self._http("GET", "/view", deadline, params=params)
         if response.status_code != 200:
             raise status_error(response.status_code, f"/view answered HTTP {response.status_code}",
                                provider=self.name, request_id=run.prompt_id)
-        mime, width, height = await output_image(response.content, provider=self.name, request_id=run.prompt_id)
-        return GeneratedImage(data=response.content, mime=mime, width=width, height=height)
+        data = response.content
+        mime, width, height = await output_image(data, provider=self.name, request_id=run.prompt_id)
+        marked = False
+        if mark:
+            try:
+                data, marked = await asyncio.to_thread(_marked, data, mime, fmt, self.watermark_payload)
+            except ImageRouterError as exc:
+                exc.provider, exc.request_id = exc.provider or self.name, exc.request_id or run.prompt_id
+                raise
+            except Exception as exc:  # the operator wants every output marked: none goes out unmarked
+                raise ProviderUnavailable(f"the output could not be watermarked ({type(exc).__name__}: {exc})"[:300],
+                                          provider=self.name, request_id=run.prompt_id,
+                                          code="watermark_failed") from None
+            mime = _MIME[fmt]
+        return GeneratedImage(data=data, mime=mime, width=width, height=height), marked
 
     async def aclose(self) -> None:
         state = self._state
@@ -1224,18 +1316,36 @@ class _Graph:
         return node_id
 
 
-_FOUND: list[bool] = []
+_FOUND: set[str] = set()
 
 
-def _has_websockets() -> bool:
-    """Whether the websocket client can be imported (a found one is remembered: the check costs ~100 µs)."""
-    if not _FOUND:
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (a found one is remembered: the check costs ~100 µs)."""
+    if module not in _FOUND:
         import importlib.util
 
-        if importlib.util.find_spec("websockets") is None:
+        if importlib.util.find_spec(module) is None:
             return False
-        _FOUND.append(True)
+        _FOUND.add(module)
     return True
+
+
+def _marked(data: bytes, mime: str, fmt: str, payload: bytes | None) -> tuple[bytes, bool]:
+    """``data`` (an output as the server saved it) with the invisible mark, encoded as ``fmt``, and whether it
+    was marked (an image under 256×256 pixels is too small to carry the mark: it is only encoded as ``fmt``).
+    CPU work: run it in a worker thread."""
+    from providers.local.watermark import PAYLOAD, can_mark, embed
+
+    try:
+        image = decode(data, what="response image")
+    except ImageDecodeError as exc:
+        raise MalformedResponse(f"unusable output: {exc.message}") from None
+    marked = can_mark(image)
+    if marked:
+        image = embed(image, payload or PAYLOAD)
+    elif mime == _MIME[fmt]:
+        return data, False
+    return encode(image, fmt, png_compress_level=1), marked
 
 
 def _int(value: Any) -> int | None:

@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "ideogram": "providers.ideogram:IdeogramProvider",
     "local": "providers.local.provider:LocalProvider",
     "comfyui": "providers.comfyui:ComfyUIProvider",
+    "ray": "providers.ray_pool:RayPoolProvider",
 }
 
 

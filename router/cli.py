@@ -257,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     led.add_argument("--by", default=["provider"], type=_group_by,
                      help="comma-separated: provider, model, tag, day, month")
     led.add_argument("--since", type=datetime.fromisoformat, help="ISO date, e.g. 2026-11-01")
+    from router.jobs import add_worker_arguments
+
+    add_worker_arguments(sub.add_parser("worker", help="run a jobs worker: queued generations from Redis "
+                                        "(needs [jobs])", parents=[common, sandboxed]))
+    gpu = sub.add_parser("serve-gpu", help="the local models as a Ray Serve GPU pool (needs [ray])")
+    gpu.add_argument("--catalog", required=True, help="the model catalog (models.yaml)")
+    gpu.add_argument("--host", default="127.0.0.1")
+    gpu.add_argument("--port", type=int, default=8100)
+    gpu.add_argument("--address", help="a Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    gpu.add_argument("--max-batch-size", type=int, default=8)
+    gpu.add_argument("--batch-wait-s", type=float, default=0.05)
+    gpu.add_argument("--allow-open", action="store_true",
+                     help="serve a non-loopback host without IMAGEROUTER_RAY_TOKEN")
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the router (needs [server])",
                          parents=[common, sandboxed])
     srv.add_argument("--host", default="127.0.0.1")
@@ -299,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run a prompt file through each policy and report cost, latency, CLIP score and share "
                              "served (sandboxes by default; CLIP needs [quality] and a local model)")
     eval_arguments(ev, json_flag=False)
+    from router.inspect_image import add_arguments as inspect_arguments
+
+    inspect_arguments(sub.add_parser("inspect", parents=[common],
+                                     help="show an image file's format, provenance record and invisible watermark"),
+                      json_flag=False)
     sand = sub.add_parser(
         "sandbox", parents=[common],
         help="run every hosted API's loopback sandbox and print the environment lines that use them",
@@ -402,7 +420,7 @@ def _headline(exc: BaseException) -> str:
             return _one_line(f"{head}: {len(rejections)} candidate(s) rejected "
                              f"({', '.join(f'{code} {n}' for code, n in counts.most_common())}), e.g. "
                              f"{example.provider}/{example.model}: {example.reason}; --verbose lists each")
-        failed = [a for a in exc.attempts if a.outcome != "success"]
+        failed = [a for a in exc.attempts if a.outcome not in ("success", "cache-hit")]
         if isinstance(exc, (AllProvidersFailed, DeadlineExceeded)) and failed:
             head = "every provider failed" if isinstance(exc, AllProvidersFailed) else "the request's deadline passed"
             last = failed[-1]
@@ -427,7 +445,7 @@ def _explanation(exc: BaseException, *, verbose: bool) -> str:
         if _one_line(str(exc)) != _headline(exc):
             parts.append(str(exc))
         for i, a in enumerate(exc.attempts, 1):
-            how = "ok" if a.outcome == "success" else f"{a.error}: {a.message}"
+            how = {"success": "ok", "cache-hit": "cached"}.get(a.outcome) or f"{a.error}: {a.message}"
             parts.append(f"attempt {i}: {a.provider}/{a.model} retry {a.retry} -> {how}")
         decision = getattr(exc, "decision", None)
         if decision is not None and hasattr(decision, "explain"):
@@ -443,34 +461,12 @@ def _router(ns: argparse.Namespace) -> Any:
     return Router(**kw)
 
 
-def _check_names(router: Any, kw: dict[str, Any]) -> None:
-    """An unknown provider or model name is called unknown, with the names there are (before any routing)."""
-    providers = router.providers
-    pinned = kw.get("provider")
-    if pinned is not None and pinned not in providers:
-        raise RequestValidationError([("provider", f"unknown provider {pinned!r}; the providers are "
-                                                   f"{', '.join(sorted(providers))}")])
-    model = kw.get("model")
-    if model is None:
-        return
-    scope = [providers[pinned]] if pinned is not None else list(providers.values())
-    if any(p.supports_model(model) for p in scope):
-        return
-    names = sorted({m for p in scope for m in p.models()})
-    idle = [f"{p.name} offers none ({p.configuration_problem()})" for p in scope
-            if not p.models() and p.configuration_problem()]
-    where = f" on {pinned}" if pinned is not None else ""
-    known = f"the models{where} are {', '.join(names)}" if names else f"no model is offered{where}"
-    raise RequestValidationError([("model", "; ".join([f"unknown model {model!r}{where}", known, *idle]))])
-
-
 def _generate(ns: argparse.Namespace) -> int:
     show = ns.progress if ns.progress is not None else not ns.json
     bar = _ProgressBar() if show else None
     try:
         with _router(ns) as router:
             kw = _request_kwargs(ns)
-            _check_names(router, kw)
             result = router.generate(ns.prompt, policy=ns.policy, on_progress=bar, **kw)
     finally:
         if bar is not None:
@@ -484,7 +480,9 @@ def _generate(ns: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"  warning: {w}")
     for a in result.attempts:
-        if a.outcome != "success":
+        if a.outcome == "cache-hit":
+            print(f"  served from the result cache ({a.provider}/{a.model}, no call)")
+        elif a.outcome != "success":
             print(f"  failed attempt: {a.provider}/{a.model}: {a.error} ({a.message})")
     for p in paths:
         print(f"  wrote {p}")
@@ -494,7 +492,6 @@ def _generate(ns: argparse.Namespace) -> int:
 def _route(ns: argparse.Namespace) -> int:
     with _router(ns) as router:
         kw = _request_kwargs(ns)
-        _check_names(router, kw)
         decision = router.route(ns.prompt, policy=ns.policy, assume_configured=not ns.configured_only, **kw)
     if ns.json:
         print(decision.to_json())
@@ -616,19 +613,19 @@ def _sandbox(ns: argparse.Namespace) -> int:
                 return subprocess.run(command, env=os.environ | env, check=False).returncode
             except OSError as exc:
                 raise ConfigurationError(f"cannot run {command[0]!r}: {exc.strerror or type(exc).__name__}") from None
-        if ns.json:
-            print(json.dumps({"env": env, "faults": ns.faults, "pid": os.getpid()}))
-        else:
-            print(f"# {len(fleet.hosts)} sandboxes on 127.0.0.1 ({', '.join(fleet.hosts)}), fake keys: nothing "
-                  f"reaches a vendor. In another shell, paste these lines; Ctrl-C here stops the sandboxes.",
-                  file=sys.stderr)
-            for name, value in env.items():
-                print(f"export {name}={shlex.quote(value)}")
-        sys.stdout.flush()
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        try:  # Ctrl-C from the moment the lines are out (a reader may send it at once) stops cleanly
+            if ns.json:
+                print(json.dumps({"env": env, "faults": ns.faults, "pid": os.getpid()}))
+            else:
+                print(f"# {len(fleet.hosts)} sandboxes on 127.0.0.1 ({', '.join(fleet.hosts)}), fake keys: "
+                      f"nothing reaches a vendor. In another shell, paste these lines; Ctrl-C here stops the "
+                      f"sandboxes.", file=sys.stderr)
+                for name, value in env.items():
+                    print(f"export {name}={shlex.quote(value)}")
+            sys.stdout.flush()
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
@@ -642,8 +639,29 @@ def _eval(ns: argparse.Namespace) -> int:
     return run_args(ns)
 
 
+def _worker(ns: argparse.Namespace) -> int:
+    from router.jobs import worker_command
+
+    return worker_command(ns)
+
+
+def _serve_gpu(ns: argparse.Namespace) -> int:
+    from providers.ray_pool import serve_gpu
+
+    serve_gpu(ns.catalog, ns.host, ns.port, address=ns.address, max_batch_size=ns.max_batch_size,
+              batch_wait_timeout_s=ns.batch_wait_s, allow_open=ns.allow_open)
+    return 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from router.inspect_image import run_args
+
+    return run_args(ns)
+
+
 COMMANDS = {"generate": _generate, "route": _route, "providers": _providers, "ledger": _ledger, "serve": _serve,
-            "keys": _keys, "demo": _demo, "sandbox": _sandbox, "eval": _eval}
+            "keys": _keys, "demo": _demo, "sandbox": _sandbox, "eval": _eval, "inspect": _inspect,
+            "worker": _worker, "serve-gpu": _serve_gpu}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
                                local-first, private) or a .yaml/.toml policy file
 ``IMAGEROUTER_LEDGER``         the ledger's SQLite path, or ``:memory:``
                                (default: ``ledger.sqlite3`` in the user's data dir)
+``IMAGEROUTER_STATE``          where breakers, latency statistics, rate limits and the result cache live:
+                               a ``redis://`` URL shared by a fleet (default: this process)
 ``IMAGEROUTER_PROVIDERS``      comma-separated provider kinds to register (default: all)
 ``IMAGEROUTER_MODELS``         the local backend's model catalog (YAML)
 ``IMAGEROUTER_SANDBOX``        ``1``: the hosted providers talk to loopback sandboxes
@@ -128,6 +130,8 @@ def router_kwargs_from_env(env: Mapping[str, str] | None = None, *, sandbox: boo
         kw["ledger"] = env["IMAGEROUTER_LEDGER"]
     elif _sandboxed(env, sandbox):
         kw["ledger"] = ":memory:"  # the sandboxes' spend is make-believe: it stays out of the real ledger
+    if env.get("IMAGEROUTER_STATE"):
+        kw["state"] = env["IMAGEROUTER_STATE"]
     return kw
 
 

@@ -233,7 +233,7 @@ def _print_run(run: DemoRun, out: TextIO) -> None:
     if len(run.rejections) > 3:
         out.write(f"   ... and {len(run.rejections) - 3} more rejections\n")
     for i, a in enumerate(run.attempts, 1):
-        how = "ok" if a["outcome"] == "success" else f"{a['error']}: {a['message']}"
+        how = {"success": "ok", "cache-hit": "cached"}.get(a["outcome"]) or f"{a['error']}: {a['message']}"
         out.write(f"   attempt {i}: {a['provider']}/{a['model']} retry {a['retry']} -> {how}\n")
     if run.provider is not None:
         where = f" (region {run.region}" + (f", hosts {', '.join(run.hosts)})" if run.hosts else ")")

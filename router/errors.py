@@ -182,6 +182,19 @@ class ProviderUnavailable(ImageRouterError):
     disposition = Disposition.RETRY
 
 
+class ExecutionFailed(ProviderUnavailable):
+    """A node raised while a ComfyUI server ran the graph (its ``execution_error``): this backend cannot make
+    the image as asked, another may, so the router falls back at once (it is not retried). ``node_id``,
+    ``node_type`` and ``exception_type`` say where and what."""
+
+    disposition = Disposition.FALLBACK
+
+    def __init__(self, message: str, *, node_id: str | None = None, node_type: str | None = None,
+                 exception_type: str | None = None, **kw: Any) -> None:
+        self.node_id, self.node_type, self.exception_type = node_id, node_type, exception_type
+        super().__init__(message, **kw)
+
+
 class ProviderTimeout(ImageRouterError):
     """The provider did not answer within the attempt's time."""
 
@@ -260,6 +273,7 @@ __all__ = [
     "ContentPolicyError",
     "DeadlineExceeded",
     "Disposition",
+    "ExecutionFailed",
     "ImageRouterError",
     "InsufficientCredits",
     "InvalidRequestError",

@@ -91,6 +91,16 @@ def host_address(host: str) -> IPAddress | None:
         raise UnsafeURLError(f"host {host!r} is not a valid IPv4 address") from None
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address, as a server binds or a URL names it) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def forbidden(ip: IPAddress, *, allow_loopback: bool = False) -> str | None:
     """Why ``ip`` must not be fetched from (a phrase), or None when it may be."""
     if isinstance(ip, ipaddress.IPv6Address):

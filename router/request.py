@@ -169,6 +169,19 @@ class Constraints(_Model):
         return v
 
 
+class Selection(_Model):
+    """Best-of-n: make ``n`` candidates and return the best by CLIP score against the prompt.
+
+    ``across`` > 1 fans the candidates out over the top of the chain (that many backends, each making its
+    share); ``clip`` is a local CLIP model directory (default: the policy's ``quality.clip``). Every
+    candidate is charged; the others' scores are in the attempts."""
+
+    n: int = Field(ge=2, le=16)
+    by: Literal["clip"] = "clip"
+    clip: str | None = None
+    across: int = Field(1, ge=1, le=4)
+
+
 class ImageRequest(_Model):
     """One image-generation request, the same for every backend.
 
@@ -199,6 +212,8 @@ class ImageRequest(_Model):
     ip_adapter: IPAdapterInput | None = None
     """An IP-Adapter steering the image toward a reference image (local backend)."""
     upscale: float | None = Field(None, gt=1.0, le=8.0)
+    select: Selection | None = None
+    """Best-of-n (see :class:`Selection`), e.g. ``select={"n": 3, "by": "clip", "clip": "/models/clip"}``."""
     partial_images: int = Field(0, ge=0, le=3)
     """Previews to send as :class:`~router.progress.PartialImage` events while the image is made (0–3): OpenAI
     streams them; the local backend decodes its latents with a configured preview autoencoder. A preview

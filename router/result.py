@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from policies.decision import RoutingDecision
 
 log = logging.getLogger("imagerouter")
-Outcome = Literal["success", "error", "skipped", "cancelled"]
+Outcome = Literal["success", "error", "skipped", "cancelled", "cache-hit"]
 _EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
@@ -111,6 +111,7 @@ class Attempt:
     message: str | None = None
     status_code: int | None = None
     retry: int = 0  # 0 for the first try on this candidate
+    scores: list[float] | None = None  # best-of-n / the quality step: the CLIP score of each image it made
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,6 +143,8 @@ class GenerationResult:
     warnings: list[str]
     request_id: str
     provider_request_id: str | None = None
+    quality: dict[str, list[float]] | None = None
+    """Scores of the returned images (``{"clip": [...]}``) when the policy's quality step or best-of-n ran."""
 
     @property
     def image(self) -> GeneratedImage:

@@ -19,7 +19,17 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,7 +41,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from policies.decision import CandidateInfo, RankedCandidate, Rejection, RoutingDecision
 from policies.engine import PolicyEngine, RoutingContext
 from policies.policy import Policy, resolve_policy
-from policies.stats import LatencyStats
 from providers.base import Capabilities, Plan, Provider, ProviderResponse
 from router import provenance
 from router.errors import (
@@ -45,8 +54,8 @@ from router.errors import (
     NoRouteError,
     ProviderTimeout,
     ProviderUnavailable,
+    RequestValidationError,
 )
-from router.health import CircuitBreaker
 from router.ledger import Budget, LedgerBackend, Reservation, open_ledger
 from router.logs import install_redaction
 from router.profiles import ProfileTable, default_profiles, profile_for
@@ -60,8 +69,9 @@ from router.progress import (
     current_sink,
     reporting_to,
 )
-from router.request import ImageRequest
+from router.request import ImageRequest, Selection
 from router.result import Attempt, Cost, GenerationResult, Latency, Outcome
+from router.state import Breaker, CachedResult, Latencies, RouterState, cache_key, open_state
 from router.telemetry import Tracing
 
 T = TypeVar("T")
@@ -75,6 +85,8 @@ class AsyncRouter:
     ``providers`` are tried in the order the policy ranks them; ``ledger`` is a
     :class:`~router.ledger.LedgerBackend`, a SQLite path, ``":memory:"``, a ``postgresql://`` URL
     (:class:`~router.ledger_pg.PostgresLedger`, the ``postgres`` extra) or None (the user's data dir).
+    ``state`` holds the circuit breakers, latency statistics and result cache: None (this process), a
+    ``redis://`` URL (shared by every process using it; the ``redis`` extra) or a :class:`~router.state.RouterState`.
     ``sleep``, ``clock`` and ``rng`` are injectable so tests can check waits exactly.
     ``tracer_provider`` receives the OpenTelemetry spans (default: the global provider; False: none),
     and ``record_prompts`` puts prompts on spans and log records (see :mod:`router.telemetry`).
@@ -92,7 +104,8 @@ class AsyncRouter:
         max_retry_after_s: float = 60.0,
         deadline_s: float = 300.0,
         attempt_timeout_s: float = 180.0,
-        breaker: CircuitBreaker | None = None,
+        breaker: Breaker | None = None,
+        state: RouterState | str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -119,8 +132,9 @@ class AsyncRouter:
         self.max_retry_after_s = max_retry_after_s
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
-        self.breaker = breaker or CircuitBreaker(clock=clock)
-        self.stats = LatencyStats()
+        self.state = open_state(state) if state is not None else open_state(None, clock=clock)
+        self.breaker: Breaker = breaker or self.state.breaker
+        self.stats: Latencies = self.state.stats
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
@@ -205,6 +219,7 @@ class AsyncRouter:
         providers rejected.
         """
         req = ImageRequest.from_kwargs(request, **kw)
+        check_names(self.providers, req)
         pol = resolve_policy(policy) if policy is not None else self.policy
         self._apply_budgets(pol)
         if self._volume_due(pol):
@@ -293,7 +308,15 @@ class AsyncRouter:
                 return await self.agenerate(request, policy=policy, **kw)
         start = self._clock()
         req = await ImageRequest.afrom_kwargs(request, **kw)
+        check_names(self.providers, req)
         pol = resolve_policy(policy) if policy is not None else self.policy
+        select = req.select or pol.select
+        if select is not None:
+            return await self._best_of(req.model_copy(update={"select": None}), pol, select)
+        if pol.quality is not None:  # load the scorer now: a wrong path fails before anything is charged
+            from router.quality import clip_scorer
+
+            await asyncio.to_thread(clip_scorer, pol.quality.clip)
         if pol is not self.policy:
             await self._ledger.run(self._apply_budgets, pol)
         if self._volume_due(pol):
@@ -306,6 +329,9 @@ class AsyncRouter:
             walk = _Walk(self, req, pol, request_id, deadline, span)
             try:
                 headroom = self._ledger.headroom(req.tags)  # read while the candidates are built
+                if self.state.shared:  # the fleet's circuits and latencies, as of now (throttled per key)
+                    await asyncio.gather(self.breaker.arefresh(self.providers), self.stats.arefresh(
+                        [(p.name, m) for p in self.providers.values() for m in p.models()]))
                 candidates = self.candidates(req, pol)
                 decision = self._decide(req, pol, await headroom, candidates)
                 routed = self._clock()
@@ -318,7 +344,11 @@ class AsyncRouter:
                     # A policy's residency must reach the providers too: they pick regional hosts from it.
                     constraints = req.constraints.model_copy(update={"residency": decision.residency})
                     walk.request = req = req.model_copy(update={"constraints": constraints})
-                served = await walk.run(decision)
+                served = await walk.cached(decision)
+                if served is None:
+                    served = await walk.run(decision)
+                    if served is not None:
+                        await walk.remember(served[0], served[2])
                 if served is not None:
                     cand, rank, response = served
                     return walk.result(cand, response, decision, start, routed, rank)
@@ -328,6 +358,57 @@ class AsyncRouter:
                 raise
             finally:
                 self._spent += walk.billed
+
+    async def _best_of(self, req: ImageRequest, pol: Policy, select: Selection) -> GenerationResult:
+        """Best-of-n: ``select.n`` candidates from the head of the chain (or its top ``select.across``
+        backends at once, each making its share), scored by CLIP against the prompt; the best ``req.n``
+        are returned, every candidate is charged, each attempt carries its images' scores."""
+        clip = select.clip or (pol.quality.clip if pol.quality is not None else None)
+        if clip is None:
+            raise RequestValidationError([("select.clip", "best-of-n by CLIP needs a local CLIP model directory: "
+                                                          "select={..., 'clip': PATH}, or quality: {clip: PATH} "
+                                                          "in the policy")])
+        if select.n < req.n:
+            raise RequestValidationError([("select.n", f"makes {select.n} candidates but the request keeps "
+                                                       f"n={req.n}; raise select.n")])
+        from router.quality import clip_scorer
+
+        scorer = clip_scorer(clip)  # a wrong path fails here, before anything is called or charged
+        failed: list[BaseException] = []
+        if select.across == 1:
+            results = [await self.agenerate(req.model_copy(update={"n": select.n}), policy=pol)]
+        else:
+            decision = self.route(req, policy=pol, assume_configured=False)
+            if not decision.chain:
+                raise _refusal(req, decision, "-")
+            heads = decision.chain[:select.across]
+            share = -(-select.n // len(heads))
+            outcomes = await asyncio.gather(*(self.agenerate(req.model_copy(update={
+                "n": share, "provider": c.provider, "model": c.model}), policy=pol) for c in heads),
+                return_exceptions=True)
+            results = [r for r in outcomes if isinstance(r, GenerationResult)]
+            failed = [r for r in outcomes if isinstance(r, BaseException)]
+            for exc in failed:
+                if not isinstance(exc, ImageRouterError):
+                    raise exc
+            if not results:
+                raise failed[0]
+        images = [(img, i) for i, r in enumerate(results) for img in r.images]
+        scores = await scorer.ascore([img for img, _ in images], req.prompt)
+        order = sorted(range(len(images)), key=lambda k: -scores[k])[:req.n]
+        best = results[images[order[0]][1]]
+        attempts: list[Attempt] = []
+        for i, r in enumerate(results):
+            mine = [round(s, 4) for s, (_, j) in zip(scores, images, strict=True) if j == i]
+            attempts += [dataclasses.replace(a, scores=mine) if a.outcome == "success" else a for a in r.attempts]
+        charged = sum((getattr(e, "cost_usd", None) or Decimal(0) for e in failed), Decimal(0))
+        cost = dataclasses.replace(best.cost, actual_usd=sum((r.cost.actual_usd for r in results), charged),
+                                   estimated_usd=sum((r.cost.estimated_usd for r in results), Decimal(0)))
+        warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+        warnings += [f"one backend of the best-of-{select.n} failed ({type(e).__name__}: {e}); its charge, if "
+                     f"any, is in the ledger" for e in failed]
+        return dataclasses.replace(best, images=[images[k][0] for k in order], cost=cost, attempts=attempts,
+                                   warnings=warnings, quality={"clip": [round(scores[k], 4) for k in order]})
 
     async def astream(self, request: ImageRequest | str, *, policy: Policy | str | Path | None = None,
                       **kw: Any) -> AsyncGenerator[Any, None]:
@@ -368,6 +449,7 @@ class AsyncRouter:
         for provider in self.providers.values():
             await provider.aclose()
         self._ledger.shutdown()
+        await self.state.aclose()
 
     async def __aenter__(self) -> AsyncRouter:
         return self
@@ -385,6 +467,26 @@ class AsyncRouter:
         base, cap = self.backoff
         ceiling = min(cap, base * 2 ** (calls - 1))
         return ceiling * (0.5 + 0.5 * self._rng())
+
+
+def check_names(providers: Mapping[str, Provider], request: ImageRequest) -> None:
+    """An unknown provider or model pin is called unknown, with the names there are (before any routing):
+    :class:`RequestValidationError`."""
+    pinned, model = request.provider, request.model
+    if pinned is not None and pinned not in providers:
+        raise RequestValidationError([("provider", f"unknown provider {pinned!r}; the providers are "
+                                                   f"{', '.join(sorted(providers))}")])
+    if model is None:
+        return
+    scope = [providers[pinned]] if pinned is not None else list(providers.values())
+    if any(p.supports_model(model) for p in scope):
+        return
+    names = sorted({m for p in scope for m in p.models()})
+    idle = [f"{p.name} offers none ({p.configuration_problem()})" for p in scope
+            if not p.models() and p.configuration_problem()]
+    where = f" on {pinned}" if pinned is not None else ""
+    known = f"the models{where} are {', '.join(names)}" if names else f"no model is offered{where}"
+    raise RequestValidationError([("model", "; ".join([f"unknown model {model!r}{where}", known, *idle]))])
 
 
 _END = object()
@@ -625,6 +727,7 @@ class _Walk:
         self.timed_out: set[str] = set()  # backends that timed out in this request: their other models are skipped
         self.sink = current_sink()
         self._last_tried: RankedCandidate | None = None
+        self.quality: dict[str, list[float]] | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.r._clock()
@@ -675,6 +778,36 @@ class _Walk:
             rank += 2
             tried += 2
         return None
+
+    def _cache_key(self, cand: RankedCandidate) -> str | None:
+        """The result cache's key for ``cand``: only under a policy with ``cache`` on, for a request with a
+        seed, on a backend that takes the seed (the same seed makes the same image there)."""
+        if not self.policy.cache or self.request.seed is None:
+            return None
+        if not self.providers[cand.provider].capabilities(cand.model).seed:
+            return None
+        return cache_key(self.request, cand.provider, cand.model)
+
+    async def cached(self, decision: RoutingDecision) -> tuple[RankedCandidate, int, ProviderResponse] | None:
+        """The best-ranked candidate's cached result for this request: no call, $0, one attempt
+        recorded as a cache hit. None when nothing is cached (or the policy does not cache)."""
+        keyed = [(rank, cand, key) for rank, cand in enumerate(decision.chain)
+                 if (key := self._cache_key(cand)) is not None]
+        if not keyed:
+            return None
+        t0 = self.r._clock()
+        found = await self.r.state.cache.aget_many([key for _, _, key in keyed])
+        for (rank, cand, _), hit in zip(keyed, found, strict=True):
+            if hit is not None:
+                self._record(cand, "cache-hit", self.r._clock() - t0)
+                return cand, rank, hit.response()
+        return None
+
+    async def remember(self, cand: RankedCandidate, response: ProviderResponse) -> None:
+        """Keep a served result for the next identical seeded request (under a caching policy)."""
+        key = self._cache_key(cand)
+        if key is not None:
+            await self.r.state.cache.aput(key, CachedResult.from_response(cand.provider, response))
 
     def _hedge_wait(self, cand: RankedCandidate) -> float | None:
         """How long to wait on ``cand`` before hedging; None: no hedge (not configured, or no p95 yet)."""
@@ -732,12 +865,12 @@ class _Walk:
                 if not _retried(exc):
                     raise
                 wait = r._delay(1, exc)
-                if self._give_up(1, wait, exc):
+                if self._give_up(1, wait, exc, provider):
                     raise
                 await r._sleep(wait)
             # tenacity numbers the retries from 1; one call has been made already.
             retrying = AsyncRetrying(
-                stop=lambda s: self._give_up(s.attempt_number + 1, s.upcoming_sleep, _exception(s)),
+                stop=lambda s: self._give_up(s.attempt_number + 1, s.upcoming_sleep, _exception(s), provider),
                 wait=lambda s: r._delay(s.attempt_number + 1, _exception(s)),
                 retry=retry_if_exception(_retried),
                 sleep=r._sleep,
@@ -775,11 +908,13 @@ class _Walk:
             tracing.attempt_done(span, response)
             return response
 
-    def _give_up(self, calls: int, wait: float, exc: BaseException | None) -> bool:
+    def _give_up(self, calls: int, wait: float, exc: BaseException | None, provider: Provider) -> bool:
         """Whether to stop retrying a candidate after ``calls`` failed calls, the next one ``wait`` s away."""
         limit = self.policy.max_retries if self.r._max_retries is None else self.r._max_retries
         if calls > limit:
             return True
+        if isinstance(exc, ProviderTimeout) and not (provider.retry_timeouts or self.policy.retry_own_timeouts):
+            return True  # the same compute on the same machines would run out of time again: fall back
         if getattr(exc, "retry_after", None) is not None and wait > self.r.max_retry_after_s:
             return True  # told to wait longer than we are willing to: fall back instead
         if isinstance(exc, ProviderTimeout) and self.remaining() - wait < self.r.attempt_timeout_s:
@@ -791,8 +926,10 @@ class _Walk:
         remaining = self.remaining()
         if remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed", request_id=self.request_id)
-        if not r.breaker.before_call(provider.name):
-            raise ProviderUnavailable("circuit open", provider=provider.name)
+        if not await r.breaker.abefore_call(provider.name):
+            refused = ProviderUnavailable("circuit open", provider=provider.name)
+            refused.disposition = Disposition.FALLBACK  # routing saw it closed a moment ago: go on, don't retry
+            raise refused
         reservation: Reservation | None = None
         t0 = r._clock()
         try:
@@ -819,9 +956,9 @@ class _Walk:
                 else:
                     await r._ledger.run(r.ledger.release, reservation, reason=exc.kind)
             if isinstance(exc, _PROVIDER_FAULTS):
-                r.breaker.record_failure(provider.name)
+                await r.breaker.arecord_failure(provider.name)
             else:
-                r.breaker.release(provider.name)
+                await r.breaker.arelease(provider.name)
             self._record(cand, "error", r._clock() - t0, error=exc, retry=retry, cost=cost)
             if self.sink is not None:
                 self.sink(AttemptFailed(cand.provider, cand.model, exc.kind, exc.message, retry, cost))
@@ -836,23 +973,42 @@ class _Walk:
                 self._record(cand, "cancelled", r._clock() - t0, retry=retry, cost=reservation.amount)
             elif reservation is not None:
                 r._ledger.release_soon(reservation, reason="cancelled")
-            r.breaker.release(provider.name)
+            r.breaker.release_soon(provider.name)
             raise
         except BaseException:
             if reservation is not None:
                 r._ledger.release_soon(reservation, reason="cancelled")
-            r.breaker.release(provider.name)
+            r.breaker.release_soon(provider.name)
             raise
         elapsed = r._clock() - t0
         billing = response.billing
+        details = billing.details
+        if self.policy.quality is not None:
+            details = {**details, "clip_score": await self._scores(response)}
         r.learn_bill(provider.name, cand, reservation.amount, billing.cost_usd)
         await r._ledger.settle(reservation, billing.cost_usd, unit=billing.unit, quantity=billing.quantity,
-                               details=billing.details)
-        r.breaker.record_success(provider.name)
-        r.stats.record(provider.name, response.model, elapsed)
+                               details=details)
+        await r.breaker.arecord_success(provider.name)
+        await r.stats.arecord(provider.name, response.model, elapsed)
         self.billed += billing.cost_usd
         self._record(cand, "success", elapsed, cost=billing.cost_usd, retry=retry)
         return response
+
+    async def _scores(self, response: ProviderResponse) -> list[float]:
+        """The policy's quality step: each image's CLIP score against the prompt (off the loop). A scoring
+        failure is logged and gives no scores: the call was billed and is settled either way."""
+        from router.quality import clip_scorer
+
+        assert self.policy.quality is not None
+        try:
+            scorer = await asyncio.to_thread(clip_scorer, self.policy.quality.clip)
+            scores = [round(s, 4) for s in await scorer.ascore(response.images, self.request.prompt)]
+        except Exception as exc:
+            log.warning("request %s: the quality step failed (%s); the result is not scored", self.request_id,
+                        type(exc).__name__)
+            return []
+        self.quality = {"clip": scores}
+        return scores
 
     def _record(self, cand: RankedCandidate, outcome: Outcome, latency: float, *,
                 error: ImageRouterError | None = None, cost: Decimal = Decimal(0), retry: int = 0) -> None:
@@ -869,6 +1025,7 @@ class _Walk:
             provider=cand.provider, model=cand.model, outcome=outcome, latency_s=latency, cost_usd=cost,
             error=error.kind if error else None, message=error.message if error else None,
             status_code=error.status_code if error else None, retry=retry,
+            scores=self.quality["clip"] if outcome == "success" and self.quality else None,
         ))
 
     def _attach(self, exc: ImageRouterError) -> ImageRouterError:
@@ -930,6 +1087,8 @@ class _Walk:
             self.span, provider=cand.provider, provider_kind=self.providers[cand.provider].kind,
             model=response.model, rank=rank, attempts=self.attempts, estimated_usd=cand.estimate.cost_usd,
             actual_usd=self.billed)
+        if self.quality and self.span.is_recording():
+            self.span.set_attribute("imagerouter.quality.clip", self.quality["clip"])
         if log.isEnabledFor(logging.INFO):
             log.info("request %s served by %s/%s ($%s, %.3fs)", self.request_id, cand.provider, response.model,
                      self.billed, end - start, extra=self._extra(provider=cand.provider, model=response.model,
@@ -949,6 +1108,7 @@ class _Walk:
             warnings=list(dict.fromkeys((*cand.warnings, *response.warnings))),
             request_id=self.request_id,
             provider_request_id=response.provider_request_id,
+            quality=self.quality,
         )
 
 

@@ -21,7 +21,6 @@ mode is refused. The keys are fake and say so.
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -32,6 +31,7 @@ import providers.sandbox as sandbox_module
 from providers.base import Provider
 from providers.sandbox import Fault, SandboxServer
 from router.errors import ConfigurationError
+from router.fetch import is_loopback_host
 
 __all__ = [
     "SANDBOX_ENV",
@@ -271,10 +271,9 @@ def _loopback(url: str) -> bool:
 
     try:
         parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        return parts.scheme in ("http", "https") and (host == "localhost" or ipaddress.ip_address(host).is_loopback)
     except ValueError:
         return False
+    return parts.scheme in ("http", "https") and is_loopback_host(parts.hostname or "")
 
 
 def attached_provider_kwargs(kind: str, env: Mapping[str, str]) -> dict[str, Any] | str:

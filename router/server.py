@@ -89,7 +89,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import ipaddress
 import json
 import logging
 import math
@@ -135,6 +134,7 @@ from router.errors import (
     RequestValidationError,
     redact,
 )
+from router.fetch import is_loopback_host
 from router.images import (
     MAX_IMAGE_BYTES,
     ImageDecodeError,
@@ -143,13 +143,14 @@ from router.images import (
     join_pieces,
     let_others_run,
 )
-from router.keys import TAG_PREFIX, RateLimiter, ServerKey, ServerKeys, is_safety_option, option_allowed, option_entries
+from router.keys import TAG_PREFIX, ServerKey, ServerKeys, is_safety_option, option_allowed, option_entries
 from router.logs import install_redaction
 from router.metrics import ServerMetrics
 from router.progress import Completed, PartialImage
 from router.request import Constraints, ImageRequest, QualityFloor
 
 if TYPE_CHECKING:
+    from router.jobs import JobQueue
     from router.result import GenerationResult
     from router.router import AsyncRouter
 
@@ -1151,7 +1152,6 @@ class _Server:
     bodies: _BodyBytes
     body_wait_s: float
     protect_metrics: bool
-    limiter: RateLimiter = field(default_factory=RateLimiter)
 
 
 def _server(request: Request) -> _Server:
@@ -1174,13 +1174,14 @@ def _client_key(request: Request, server: Annotated[_Server, Depends(_server)]) 
     return entry
 
 
-def _image_client(
+async def _image_client(
     key: Annotated[ServerKey | None, Depends(_client_key)], server: Annotated[_Server, Depends(_server)]
 ) -> ServerKey | None:
-    """The caller's key, within its image requests per minute (429 beyond)."""
+    """The caller's key, within its image requests per minute (429 beyond), counted in the router's state:
+    per process by default, across every worker with ``state="redis://…"``."""
     if key is None or key.rpm is None:
         return key
-    wait = server.limiter.take(key.name, key.rpm)
+    wait = await server.router.state.limits.atake(key.name, key.rpm)
     if wait:
         raise APIError(
             429,
@@ -1457,6 +1458,8 @@ def create_app(
     protect_metrics: bool = False,
     metrics: ServerMetrics | None = None,
     close_router: bool = False,
+    jobs: JobQueue | None = None,
+    warm: bool = True,
 ) -> FastAPI:
     """The OpenAI-compatible ASGI app over ``router`` (see the module docstring for the API).
 
@@ -1470,7 +1473,9 @@ def create_app(
     rules cannot be side-stepped). ``client_options``: the provider options a key without its own list
     may set (``"quality"``, ``"<provider>.background"``, ``"<provider>.*"``, ``"*"``; never a safety switch).
     ``lora_dirs``: the directories whose LoRAs clients may name. ``close_router`` closes the router when
-    the app shuts down.
+    the app shuts down. ``jobs``: a :class:`~router.jobs.JobQueue` to serve ``/v1/jobs`` from. ``warm``: at
+    startup, each provider's :meth:`~providers.base.Provider.warm` (the local backend loads and compiles its
+    ``compile: true`` models; ComfyUI and a GPU pool read their model lists).
     """
     keys = keys or ServerKeys()
     if keys:
@@ -1515,6 +1520,15 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warm:
+            for provider in router.providers.values():
+                try:  # a backend that cannot get ready now is routed around, as a failing one would be
+                    ready = await provider.warm()
+                except Exception as exc:
+                    log.warning("provider %s could not warm up: %s", provider.name, type(exc).__name__)
+                else:
+                    if ready:
+                        log.info("provider %s ready: %s", provider.name, ", ".join(ready))
         yield
         if close_router:
             await router.aclose()
@@ -1533,6 +1547,10 @@ def create_app(
     app.state.metrics = metrics
     app.state.imagerouter = _Server(router, keys, settings, metrics, _BodyBytes(inflight), body_wait_s, protect_metrics)
     app.include_router(api)
+    if jobs is not None:
+        from router.server_jobs import install_jobs
+
+        install_jobs(app, jobs)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_Observe, metrics=metrics)
 
@@ -1584,13 +1602,6 @@ def _version() -> str:
 # --- running it -----------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _return_large_frees() -> None:
@@ -1646,7 +1657,7 @@ def serve(
 
     keys_path = keys_file or os.environ.get("IMAGEROUTER_SERVER_KEYS") or None
     keys = ServerKeys.from_file(keys_path) if keys_path else ServerKeys()
-    if not keys and not _is_loopback(host) and not allow_open:
+    if not keys and not is_loopback_host(host) and not allow_open:
         raise ConfigurationError(
             f"refusing to serve on {host} without client keys: give a key file with --keys keys.toml (make one "
             "with `pixroute keys NAME --file keys.toml`), or pass --allow-open to serve it to anyone"

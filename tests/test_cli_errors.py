@@ -59,7 +59,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], int, str, tuple[str, ...]]] 
      3, "RequestValidationError", ("--control", "scale takes a number", "'high'")),
     ("a duplicate key name", duplicate_key, 3, "KeyFileError", ("keys.toml", "duplicate key name 'alice'")),
     ("unknown provider", lambda tmp: ["generate", "a cat", "--provider", "opnai", "--out", str(tmp)], 3,
-     "RequestValidationError", ("unknown provider 'opnai'", "openai, replicate, stability, together")),
+     "RequestValidationError", ("unknown provider 'opnai'", "openai, ray, replicate, stability, together")),
     ("unknown model", lambda tmp: ["route", "a cat", "--model", "gpt-imag-2"], 3, "RequestValidationError",
      ("unknown model 'gpt-imag-2'", "gpt-image-2", "flux-schnell")),
     ("unknown model on a pinned provider", lambda tmp: ["route", "a cat", "--provider", "openai", "--model", "sdxl"],

@@ -198,3 +198,39 @@ def test_sync_stream_and_json_events(sandbox: OpenAISandbox) -> None:
     as_json = [event_dict(e) for e in events[:-1]]
     assert as_json[0]["type"] == "routed" and as_json[0]["chain"] == ["openai/gpt-image-2"]
     assert as_json[2]["type"] == "partial_image" and as_json[2]["b64_json"] and "data" not in as_json[2]
+
+
+async def test_fal_reports_its_queue_then_running_statuses() -> None:
+    from providers.fal import FalProvider
+    from providers.sandbox import FalSandbox
+
+    with FalSandbox(api_key="fal-k", queued_polls=2, running_polls=2) as sb:
+        p = FalProvider(api_key="fal-k", base_url=sb.base_url, models=("fal-ai/flux/dev",), poll_interval_s=0.01,
+                        fetcher=SafeFetcher(allow_loopback=True))
+        events: list[Any] = []
+        async with make_router(p) as router:
+            await router.agenerate("a fox", on_progress=events.append)
+    statuses = [(e.status, e.vendor_status) for e in events if isinstance(e, Status)]
+    assert statuses == [("queued", "submitted"), ("queued", "IN_QUEUE"), ("running", "IN_PROGRESS"),
+                        ("succeeded", "COMPLETED")]
+
+
+async def test_a_local_call_cut_off_by_its_deadline_leaves_no_unretrieved_future(
+        sd15_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    provider = local(sd15_dir)
+    await provider.warm(["tiny"])  # loaded: the call below only denoises
+    worker = provider.worker
+    async with AsyncRouter([provider], ledger=":memory:", attempt_timeout_s=0.3) as router:
+        with pytest.raises(Exception) as caught:
+            await router.agenerate("a fox", width=64, height=64, steps=500, deadline_s=5)
+        for _ in range(100):
+            if worker.interrupted:
+                break
+            await asyncio.sleep(0.05)
+    gc.collect()
+    assert type(caught.value).__name__ in ("AllProvidersFailed", "DeadlineExceeded")
+    assert [a.outcome for a in caught.value.attempts] == ["error"]  # type: ignore[attr-defined]
+    assert worker.interrupted == 1  # stopped on the device, and not tried again on the same model
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

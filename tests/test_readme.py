@@ -36,6 +36,7 @@ NOT_RUN = {  # why each block that is not run is not (kept short; the README say
     "installs from the package index",
     "needs the server running on port 8000; examples/server_client.py does the same offline and is run by "
     "the tests",
+    "needs a Redis server; tests/test_jobs.py runs the queue against one it starts",
 }
 _DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*(skip|unconfigured|local models):\s*(.+?)\s*-->$")
 _SETTINGS = ("OPENAI_", "STABILITY_", "REPLICATE_", "TOGETHER_", "BFL_", "GEMINI_", "GOOGLE_", "XAI_", "FAL_",

@@ -105,3 +105,17 @@ def test_a_local_models_previews_stream_as_partial_images(sd15_dir: Path, models
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert all(size_of(e.b64_json) == (64, 64) for e in events)
     assert events[-1].imagerouter["provider"] == "local"  # type: ignore[union-attr]
+
+
+def test_the_server_warms_its_providers_at_startup() -> None:
+    from providers.comfyui import ComfyUIProvider
+    from providers.sandbox import ComfyUISandbox
+
+    with ComfyUISandbox() as sb:
+        cold = ComfyUIProvider(sb.origin, history_poll_s=0.02)
+        with ServerThread(create_app(AsyncRouter([cold], ledger=":memory:"), close_router=True, warm=False)):
+            assert sb.requests == []  # nothing read from the server until a request needs it
+        comfy = ComfyUIProvider(sb.origin, history_poll_s=0.02)
+        with ServerThread(create_app(AsyncRouter([comfy], ledger=":memory:"), close_router=True)):
+            read = {r.path for r in sb.requests}  # before any client request: read at startup
+        assert "/object_info" in read and comfy._state.info is not None

@@ -190,6 +190,9 @@ def test_every_model_a_provider_offers_and_every_local_family_has_a_profile(tabl
     offered = {f"{mod.__name__.rsplit('.', 1)[1]}/{m}"
                for mod in (bfl, fal, google, ideogram, openai, replicate, stability, together, xai) for m in mod.MODELS}
     offered |= {f"local/{family}" for family in FAMILIES}
+    from providers.comfyui import FAMILIES as COMFYUI_FAMILIES
+
+    offered |= {f"comfyui/{family}" for family in COMFYUI_FAMILIES}
     assert offered <= set(table.entries), sorted(offered - set(table.entries))
     assert set(table.entries) <= offered, sorted(set(table.entries) - offered)
 

@@ -75,6 +75,7 @@ class LocalProvider(Provider):
     """
 
     kind = "local"
+    retry_timeouts = False  # its time is your own compute: a timeout falls back, not retried
 
     def __init__(
         self,

@@ -54,14 +54,23 @@ def embed(image: Any, payload: bytes = PAYLOAD) -> Any:
         return image
     import cv2
     import numpy as np
-    from imwatermark import WatermarkEncoder
+    import pywt
+    from imwatermark.maxDct import EmbedMaxDct
     from PIL import Image
 
-    encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", _check(payload))
-    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
-    marked = encoder.encode(bgr, _METHOD, scales=_SCALES)
-    return Image.fromarray(cv2.cvtColor(marked, cv2.COLOR_BGR2RGB))
+    bits = [int(b) for b in np.unpackbits(np.frombuffer(_check(payload), dtype=np.uint8))]
+    # The library's own encode (imwatermark 0.2.0, maxDct.EmbedMaxDct.encode) writes the marked luma back into
+    # uint8, so values past 255 wrap to black (white areas come out black), and rebuilds it with the
+    # horizontal and vertical details swapped (~30 dB instead of ~43 dB on grain). Its block coder is used
+    # here on a float copy of the luma, rebuilt in the right order, then rounded and clipped; the decoder
+    # reads the mark the same way.
+    yuv = cv2.cvtColor(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR), cv2.COLOR_BGR2YUV)
+    rows, cols = yuv.shape[0] // 4 * 4, yuv.shape[1] // 4 * 4
+    luma = yuv[:rows, :cols, 0].astype(np.float64)
+    ca1, (h1, v1, d1) = pywt.dwt2(luma, "haar")
+    EmbedMaxDct(bits, wmLen=len(bits), scales=_SCALES).encode_frame(ca1, _SCALES[0])
+    yuv[:rows, :cols, 0] = np.clip(np.rint(pywt.idwt2((ca1, (h1, v1, d1)), "haar")), 0, 255).astype(np.uint8)
+    return Image.fromarray(cv2.cvtColor(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR), cv2.COLOR_BGR2RGB))
 
 
 def detect(image: Any, payload: bytes = PAYLOAD) -> WatermarkReading:

@@ -175,7 +175,24 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any 
         kwargs["ip_adapter_image"] = job.ip_image
     if job.controls:
         kwargs |= control_kwargs(pipe, job, gens)
-    if cancel.is_set() or time.monotonic() > job.deadline:
+    images, flags, seconds = run_timed(pipe, kwargs, cancel=cancel, deadline=job.deadline,
+                                       steps_run=lambda: steps_run)
+    if job.task == "inpaint":  # keep unmasked pixels exact; a flagged image stays black
+        from PIL import Image
+
+        images = [img if flag else Image.composite(img.convert("RGB"), job.init_image, mask)
+                  for img, flag in zip(images, flags, strict=True)]
+    return JobResult(images, flags, seconds, steps_run, type(scheduler).__name__)
+
+
+def run_timed(pipe: Any, kwargs: dict[str, Any], *, cancel: threading.Event, deadline: float,
+              steps_run: Callable[[], int]) -> tuple[list[Any], list[bool], float]:
+    """One pipeline call: refused when cancelled or past its deadline before it starts, timed (CUDA synced);
+    a call the step callback interrupted (``_interrupt``) is a :class:`ProviderTimeout`. Returns the images,
+    their NSFW flags and the seconds it took."""
+    import torch
+
+    if cancel.is_set() or time.monotonic() > deadline:
         raise ProviderTimeout("cancelled before it started (deadline passed in the queue)", provider="local")
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -184,16 +201,11 @@ def call_pipeline(entry_pipe: Any, job: Job, cancel: threading.Event, base: Any 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if getattr(pipe, "_interrupt", False):
-        raise ProviderTimeout(f"interrupted after {steps_run} step(s): deadline passed or cancelled",
+        raise ProviderTimeout(f"interrupted after {steps_run()} step(s): deadline passed or cancelled",
                               provider="local")
     images = list(out.images)
     flags = [bool(f) for f in (getattr(out, "nsfw_content_detected", None) or [False] * len(images))]
-    if job.task == "inpaint":  # keep unmasked pixels exact; a flagged image stays black
-        from PIL import Image
-
-        images = [img if flag else Image.composite(img.convert("RGB"), job.init_image, mask)
-                  for img, flag in zip(images, flags, strict=True)]
-    return JobResult(images, flags, seconds, steps_run, type(scheduler).__name__)
+    return images, flags, seconds
 
 
 def preview_image(vae: Any, latents: Any) -> Any:
