@@ -273,6 +273,8 @@ def _rejections(exc: NoRouteError) -> list[dict[str, str]]:
 def api_error(exc: ImageRouterError) -> APIError:
     """The HTTP answer for a router error (see the module docstring for the statuses)."""
     headers = {"x-imagerouter-request-id": exc.request_id} if exc.request_id else {}
+    if exc.cost_usd:  # vendors billed failed attempts of this request: the client is told what it was charged
+        headers["x-imagerouter-cost-usd"] = str(exc.cost_usd)
     kind = exc.kind
     if isinstance(exc, RequestValidationError):
         field_name = exc.field.split(".")[0]
@@ -1681,7 +1683,9 @@ def serve(
         lora_dirs=lora_dirs,
         close_router=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # Keep idle connections longer than clients do (httpx, and so the openai SDK, keep them 5 s, uvicorn's own
+    # default): with equal timeouts a client may reuse a connection just as the server closes it.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=75)
 
 
 class ServerThread:

@@ -119,3 +119,13 @@ def test_the_server_warms_its_providers_at_startup() -> None:
         with ServerThread(create_app(AsyncRouter([comfy], ledger=":memory:"), close_router=True)):
             read = {r.path for r in sb.requests}  # before any client request: read at startup
         assert "/object_info" in read and comfy._state.info is not None
+
+
+def test_an_error_answer_says_what_billed_failed_attempts_cost(server: tuple[ServerThread, str],
+                                                               sandbox: OpenAISandbox) -> None:
+    srv, key = server
+    sandbox.faults.push(Fault.hostile_image("truncated_image"), times=None)  # 200, billed, an image that fails
+    answer = httpx.post(f"{srv.base_url}/images/generations", headers={"authorization": f"Bearer {key}"},
+                        json={"prompt": "a cat"}, timeout=30)
+    assert answer.status_code == 502
+    assert answer.headers["x-imagerouter-cost-usd"] == str(sandbox.billed_usd) and sandbox.billed_usd > 0
