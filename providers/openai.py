@@ -257,7 +257,11 @@ class OpenAIProvider(Provider):
                 status_code=raw.status_code,
                 request_id=request_id,
             ) from None
-        return await self._response(body, request_id, model, request.output_format)
+        response = await self._response(body, request_id, model, request.output_format)
+        if request.partial_images and sink is not None:  # asked for previews, made without: say why
+            note = "partial_images not streamed: OpenAI streams previews for one image per call (n=1)"
+            response = dataclasses.replace(response, warnings=(*response.warnings, note))
+        return response
 
     async def _streamed(self, client: openai.AsyncOpenAI, request: ImageRequest, params: dict[str, Any],
                         headers: dict[str, str] | None, timeout_s: float, sink: ProgressCallback) -> ProviderResponse:

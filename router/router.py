@@ -378,7 +378,8 @@ class AsyncRouter:
         if select.across == 1:
             results = [await self.agenerate(req.model_copy(update={"n": select.n}), policy=pol)]
         else:
-            decision = self.route(req, policy=pol, assume_configured=False)
+            headroom = self._ledger.headroom(req.tags)  # the ledger is read on its own thread, not the loop
+            decision = self._decide(req, pol, await headroom, self.candidates(req, pol))
             if not decision.chain:
                 raise _refusal(req, decision, "-")
             heads = decision.chain[:select.across]

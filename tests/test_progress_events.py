@@ -86,6 +86,7 @@ async def test_partial_images_are_not_requested_without_a_listener_or_for_severa
         events = [e async for e in router.astream("a cat", n=2, partial_images=2)]
     assert [r.json.get("stream") for r in sandbox.requests if r.json] == [None, None]
     assert "partial_image" not in kinds(events) and len(events[-1].result.images) == 2
+    assert any("partial_images not streamed" in w for w in events[-1].result.warnings)
 
 
 async def test_an_error_event_in_the_stream_is_the_vendors_error(sandbox: OpenAISandbox) -> None:
